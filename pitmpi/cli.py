@@ -1,0 +1,154 @@
+"""Command line: ``python -m pitmpi [train|report|keys] ...``.
+
+Exit codes: 0 success, 2 bad input (one-line message, no traceback unless
+``--debug``), 1 anything else.  Under MPI a failure on one rank ends the
+whole job (``Abort``) with a message that names the rank.
+"""
+import argparse
+import os
+import sys
+import traceback
+
+from . import __version__
+from . import config as config_mod
+from . import data as data_mod
+from .errors import UserError
+from .io import check_writable, write_result
+from .logs import setup_logging
+
+DESCRIPTION = """Layer-parallel (parallel-in-time) training of residual networks with MPI.
+Without a command, trains the default problem (Verlet ResNet, Swiss roll):
+    python -m pitmpi            (1 rank)
+    mpirun -n 2 python -m pitmpi   (layer-parallel)"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m pitmpi", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"pitmpi {__version__}")
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="train a network (the default command)",
+                       description="Train a network from a TOML config; see "
+                                   "'python -m pitmpi keys' for every key.")
+    add_train_arguments(t)
+    r = sub.add_parser("report", help="summarise output files",
+                       description="Print a summary of one or more HDF5 output files.")
+    r.add_argument("files", nargs="+", metavar="FILE.h5")
+    sub.add_parser("keys", help="list every configuration key with default and allowed values",
+                   description="List every configuration key with default and allowed values.")
+    return p
+
+
+def add_train_arguments(t):
+    t.add_argument("config", nargs="?", metavar="CONFIG.toml",
+                   help="TOML config (sections data, model, train, coarse, regression, output)")
+    t.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
+    t.add_argument("--out", metavar="PATH.h5", help="output file (same as --set output.path=...)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.add_argument("--debug", action="store_true", help="full tracebacks for errors")
+
+
+def collective(comm, fn):
+    """Run ``fn`` on every rank; if it raises UserError on any rank, raise it on all.
+
+    This is how setup errors (config, data, partition) end every rank with
+    exit code 2 instead of leaving some ranks waiting.
+    """
+    try:
+        out, err = fn(), None
+    except UserError as e:
+        out, err = None, str(e)
+    errors = comm.allgather(err) if comm.size > 1 else [err]
+    for r, e in enumerate(errors):
+        if e is not None:
+            agreed = UserError(e if r == 0 else f"{e} (on rank {r})")
+            agreed.collective = True
+            raise agreed
+    return out
+
+
+def prepare(args, comm, log):
+    """Resolve the config, load the data and build this rank's trainer."""
+    from .parallel.methods import make_trainer
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"output.path={args.out!r}" if "'" not in args.out
+                         else f'output.path="{args.out}"')
+    cfg = config_mod.load(args.config, overrides)
+    if args.quiet:
+        cfg["output"]["progress"] = False
+    if comm.rank == 0:
+        check_writable(cfg["output"]["path"])
+    d = cfg["data"]
+    data = data_mod.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"])
+    trainer = make_trainer(comm, cfg, data, log)
+    return cfg, data, trainer
+
+
+def train(args, comm, log):
+    cfg, data, trainer = collective(comm, lambda: prepare(args, comm, log))
+    log.info("pitmpi %s: %s on %d rank(s); %s", __version__, cfg["train"]["method"], comm.size,
+             data.summary())
+    log.info("network: %r", trainer.net)
+    result = trainer.run()
+    if comm.rank == 0:
+        path = cfg["output"]["path"]
+        write_result(path, result, cfg)
+        h, tm = result.history, result.timing
+        log.info("done: val accuracy %.2f%%, train loss %.4f, %.1f s training; wrote %s",
+                 100 * h["val_acc"][-1], h["train_loss"][-1], tm["train_wall"], path)
+    return 0
+
+
+def report(args, log):
+    from .report import summarise
+    for path in args.files:
+        print(summarise(path))
+    return 0
+
+
+def main(argv=None, comm=None):
+    """Entry point; returns the exit code.  ``comm`` defaults to COMM_WORLD."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["train"] + argv)
+    if args.command == "keys":
+        print(config_mod.describe())
+        return 0
+    if comm is None:
+        if args.command == "report":
+            comm = _SelfComm()
+        else:
+            from .parallel.comm import world_comm
+            comm = world_comm()
+    log = setup_logging(comm.rank, comm.size, getattr(args, "quiet", False))
+    debug = getattr(args, "debug", False)
+    try:
+        if args.command == "report":
+            return report(args, log)
+        return train(args, comm, log)
+    except UserError as e:
+        agreed = comm.size == 1 or getattr(e, "collective", False)
+        if comm.rank == 0 or not agreed:
+            where = "" if agreed else f" (rank {comm.rank} of {comm.size})"
+            print(f"pitmpi: error{where}: {e}", file=sys.stderr)
+            if debug:
+                traceback.print_exc()
+        if not agreed:
+            sys.stderr.flush()
+            comm.abort(2)
+        return 2
+    except Exception as e:  # noqa: BLE001 - any failure must end every rank
+        if comm.size > 1:
+            sys.stderr.write(f"pitmpi: rank {comm.rank} of {comm.size} failed: "
+                             f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            comm.abort(1)
+        raise
+
+
+class _SelfComm:
+    rank, size = 0, 1

@@ -1,0 +1,227 @@
+"""Run configuration: TOML files, ``--set section.key=value`` overrides, checks.
+
+The schema below is the single source of truth for keys, types, defaults and
+allowed values; README's table is generated from the same descriptions
+(``python -m pitmpi config --help-keys``).  Unknown sections or keys and bad
+values raise :class:`ConfigError` naming the key and what is allowed.
+"""
+import math
+import tomllib
+
+from .errors import ConfigError
+
+
+class Key:
+    """One configuration key: type, default, check and a line of help."""
+
+    def __init__(self, kind, default, help, choices=None, minimum=None, maximum=None,
+                 strict_min=False):
+        self.kind, self.default, self.help = kind, default, help
+        self.choices, self.minimum, self.maximum, self.strict_min = choices, minimum, maximum, strict_min
+
+    def allowed(self):
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        parts = [{"int": "an integer", "float": "a number", "str": "a string",
+                  "bool": "true or false"}[self.kind]]
+        if self.minimum is not None:
+            parts.append(f"{'>' if self.strict_min else '>='} {self.minimum}")
+        if self.maximum is not None:
+            parts.append(f"<= {self.maximum}")
+        return " ".join(parts)
+
+    def check(self, name, value):
+        """Return ``value`` converted to this key's type, or raise ConfigError."""
+        bad = ConfigError(f"{name} = {value!r} is not allowed; expected {self.allowed()}")
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise bad
+        elif self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise bad
+        if self.choices is not None and value not in self.choices:
+            raise bad
+        if self.minimum is not None:
+            if value < self.minimum or (self.strict_min and value == self.minimum):
+                raise bad
+        if self.maximum is not None and value > self.maximum:
+            raise bad
+        return value
+
+
+METHODS = ("serial", "data-parallel", "model-parallel", "pit")
+
+SCHEMA = {
+    "data": {
+        "name": Key("str", "swissroll", "dataset", choices=("swissroll", "ellipses", "mnist", "npz")),
+        "path": Key("str", "", "directory of the MNIST IDX files, or the .npz file "
+                               "(empty: $PITMPI_DATA)"),
+        "n_train": Key("int", 0, "keep only the first n training samples (0: all)", minimum=0),
+        "n_val": Key("int", 0, "keep only the first n validation samples (0: all)", minimum=0),
+        "seed": Key("int", 0, "seed of generated datasets (ellipses)", minimum=0),
+    },
+    "model": {
+        "scheme": Key("str", "verlet", "ODE discretisation", choices=("euler", "verlet")),
+        "width": Key("int", 8, "layer width w", minimum=1),
+        "layers": Key("int", 32, "number of ODE layers L", minimum=1),
+        "T": Key("float", 5.0, "final time (step h = T / L)", minimum=0.0, strict_min=True),
+        "activation": Key("str", "tanh", "activation", choices=("tanh", "relu")),
+        "dtype": Key("str", "float64", "floating-point type", choices=("float64", "float32")),
+        "store_trajectory": Key("bool", True, "Verlet: store states (true) or rebuild them "
+                                              "backwards in the adjoint (false)"),
+    },
+    "train": {
+        "method": Key("str", "pit", "training method", choices=METHODS),
+        "epochs": Key("int", 120, "passes over the training set", minimum=1),
+        "batch_size": Key("int", 32, "samples per iteration", minimum=1),
+        "lr": Key("float", 0.05, "learning rate", minimum=0.0, strict_min=True),
+        "momentum": Key("float", 0.9, "SGD momentum", minimum=0.0, maximum=0.999),
+        "weight_decay": Key("float", 1e-4, "weight decay beta", minimum=0.0),
+        "schedule": Key("str", "constant", "learning-rate schedule",
+                        choices=("constant", "step", "inverse")),
+        "lr_gamma": Key("float", 0.1, "step schedule: factor per step",
+                        minimum=0.0, maximum=1.0, strict_min=True),
+        "lr_step": Key("int", 10, "step schedule: epochs per step", minimum=1),
+        "lr_decay_iters": Key("int", 1000, "inverse schedule: lr_k = lr / (1 + k / lr_decay_iters)",
+                              minimum=1),
+        "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
+    },
+    "coarse": {
+        "levels": Key("int", 2, "2: global prediction on a coarse model first; "
+                                "1: single-level (no coarse phase)", choices=(1, 2)),
+        "factor": Key("int", 2, "coarsening factor c (coarse model has L / c layers)", minimum=2),
+        "iterations": Key("int", 0, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
+        "lr": Key("float", 0.0, "coarse learning rate (0: train.lr)", minimum=0.0),
+        "prolongation": Key("str", "constant", "coarse-to-fine control transfer",
+                            choices=("constant", "linear")),
+        "warmup": Key("str", "coarse", "what rank r does in the first r iterations, before its "
+                                       "first state arrives", choices=("coarse", "wait")),
+    },
+    "regression": {
+        "features": Key("str", "state", "regression features: [x, 1] or [x, onehot(y), 1]",
+                        choices=("state", "state+label")),
+        "ridge": Key("float", 1e-6, "ridge weight, relative to the mean diagonal of the "
+                                    "Gram matrix", minimum=0.0),
+        "forgetting": Key("float", 0.9, "exponential forgetting factor of the normal equations",
+                          minimum=0.0, maximum=1.0, strict_min=True),
+    },
+    "output": {
+        "path": Key("str", "results/run.h5", "HDF5 output file"),
+        "progress": Key("bool", True, "print a line per epoch on rank 0"),
+    },
+}
+
+
+def defaults():
+    """The default configuration as a nested dict."""
+    return {s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def _check_known(section, key=None):
+    if section not in SCHEMA:
+        raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(SCHEMA)}")
+    if key is not None and key not in SCHEMA[section]:
+        raise ConfigError(f"unknown key {section}.{key}; allowed in [{section}]: "
+                          f"{', '.join(SCHEMA[section])}")
+
+
+def merge(cfg, updates, origin):
+    """Merge a nested dict ``updates`` into ``cfg`` with checks.
+
+    ``origin`` names where the updates come from (for messages).
+    """
+    for section, keys in updates.items():
+        _check_known(section)
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{origin}: {section} must be a section [{section}], "
+                              f"not a value")
+        for key, value in keys.items():
+            _check_known(section, key)
+            cfg[section][key] = SCHEMA[section][key].check(f"{section}.{key}", value)
+    return cfg
+
+
+def parse_override(text):
+    """Parse ``section.key=value``; the value is read as TOML, else as a string.
+
+    Returns
+    -------
+    (section, key, value)
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    if name.count(".") != 1:
+        raise ConfigError(f"--set {text!r}: the name must be section.key "
+                          f"(sections: {', '.join(SCHEMA)})")
+    section, key = name.split(".")
+    _check_known(section, key)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load(path=None, overrides=()):
+    """Defaults, then the TOML file ``path`` (optional), then ``overrides``.
+
+    Returns
+    -------
+    dict
+        The resolved, checked configuration.
+    """
+    cfg = defaults()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        merge(cfg, data, path)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        merge(cfg, {section: {key: value}}, "--set")
+    return cfg
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(cfg):
+    """The configuration as TOML text (round-trips through :func:`tomllib.loads`)."""
+    lines = []
+    for section, keys in cfg.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in keys.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def describe():
+    """Markdown table of every key (for README and ``--help``)."""
+    rows = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for section, keys in SCHEMA.items():
+        for k, key in keys.items():
+            rows.append(f"| `{section}.{k}` | `{_toml_value(key.default)}` | {key.allowed()} | {key.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,255 @@
+"""Datasets: Swiss roll, concentric ellipses, MNIST (IDX files), user ``.npz``.
+
+Every loader returns a :class:`Dataset` whose features are standardised with
+the *training* statistics.  Nothing is ever downloaded: MNIST is read from a
+directory the user names (``data.path`` or the environment variable
+``PITMPI_DATA``).
+"""
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError
+
+DATASETS = ("swissroll", "ellipses", "mnist", "npz")
+
+
+@dataclass
+class Dataset:
+    """Train and validation (or test) splits.
+
+    Attributes
+    ----------
+    name : str
+    x_train : ndarray, shape (n_train, d), float64
+    y_train : ndarray of int64, shape (n_train,)
+    x_val : ndarray, shape (n_val, d)
+    y_val : ndarray of int64, shape (n_val,)
+    n_classes : int
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    n_classes: int
+
+    @property
+    def n_features(self):
+        return self.x_train.shape[1]
+
+    def summary(self):
+        return (f"{self.name}: {len(self.y_train)} train / {len(self.y_val)} validation samples, "
+                f"{self.n_features} features, {self.n_classes} classes")
+
+
+def standardise(x_train, x_val):
+    """Centre and scale both splits with the training mean and std (per feature;
+    constant features are only centred)."""
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0
+    return (x_train - mean) / std, (x_val - mean) / std
+
+
+def _finish(name, xt, yt, xv, yv, n_classes=None):
+    xt, xv = standardise(np.asarray(xt, dtype=np.float64), np.asarray(xv, dtype=np.float64))
+    yt = np.asarray(yt, dtype=np.int64)
+    yv = np.asarray(yv, dtype=np.int64)
+    if n_classes is None:
+        n_classes = int(max(yt.max(), yv.max())) + 1
+    return Dataset(name, xt, yt, xv, yv, n_classes)
+
+
+def swissroll(n=256):
+    """The Swiss roll of Haber & Ruthotto (Meganet recipe).
+
+    ``θ = 0 : 4π/(2n) : 4π`` (``2n + 1`` angles); class 0 at radii
+    ``linspace(0, 1)``, class 1 at ``linspace(0.2, 1.2)``; points
+    ``(r cos θ, r sin θ)``.  Of the stacked set (class 0 then class 1) the even
+    rows train and the odd rows validate.
+    """
+    theta = np.linspace(0.0, 4 * np.pi, 2 * n + 1)
+    r0 = np.linspace(0.0, 1.0, theta.size)
+    r1 = np.linspace(0.2, 1.2, theta.size)
+    pts = np.vstack([np.column_stack([r0 * np.cos(theta), r0 * np.sin(theta)]),
+                     np.column_stack([r1 * np.cos(theta), r1 * np.sin(theta)])])
+    labels = np.repeat([0, 1], theta.size)
+    return _finish("swissroll", pts[0::2], labels[0::2], pts[1::2], labels[1::2], 2)
+
+
+def ellipses(n_train=1000, n_val=200, seed=0):
+    """Concentric ellipses: per class ``φ ~ U[0, 2π)``, class 0 ``r ~ U[0, 1)``,
+    class 1 ``r ~ U[1, 2)``, point ``(r cos φ, 0.4 r sin φ)``; independent
+    train and validation draws of ``n_train`` / ``n_val`` points per class."""
+    rng = np.random.default_rng(seed)
+
+    def draw(m):
+        xs, ys = [], []
+        for c, (lo, hi) in enumerate(((0.0, 1.0), (1.0, 2.0))):
+            phi = rng.uniform(0.0, 2 * np.pi, m)
+            r = rng.uniform(lo, hi, m)
+            xs.append(np.column_stack([r * np.cos(phi), 0.4 * r * np.sin(phi)]))
+            ys.append(np.full(m, c))
+        return np.vstack(xs), np.concatenate(ys)
+
+    xt, yt = draw(n_train)
+    xv, yv = draw(n_val)
+    return _finish("ellipses", xt, yt, xv, yv, 2)
+
+
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", 2051, 60000),
+    "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432", 2049, 60000),
+    "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3", 2051, 10000),
+    "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c", 2049, 10000),
+}
+
+
+def resolve_data_dir(path):
+    """The directory to read from: ``path``, else ``$PITMPI_DATA``."""
+    path = path or os.environ.get("PITMPI_DATA", "")
+    if not path:
+        raise DataError("data.path is not set (nor PITMPI_DATA): name the directory that "
+                        "holds the dataset files")
+    if not os.path.isdir(path):
+        raise DataError(f"data.path {path!r} is not a directory")
+    return path
+
+
+def read_idx(path, expected_md5=None, expected_magic=None, expected_count=None):
+    """Read one gzip-compressed IDX file, checking its MD5, magic and count.
+
+    Returns
+    -------
+    ndarray of uint8
+        Shape (count,) for labels or (count, rows, cols) for images.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if expected_md5 is not None:
+        md5 = hashlib.md5(raw).hexdigest()
+        if md5 != expected_md5:
+            raise DataError(f"{path}: MD5 {md5} does not match the published {expected_md5} "
+                            "(corrupt or different file)")
+    try:
+        body = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    if len(body) < 8:
+        raise DataError(f"{path}: too short for an IDX header")
+    magic, count = struct.unpack(">ii", body[:8])
+    if expected_magic is not None and magic != expected_magic:
+        raise DataError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
+    if expected_count is not None and count != expected_count:
+        raise DataError(f"{path}: {count} items, expected {expected_count}")
+    ndim = magic & 0xFF
+    dims = struct.unpack(">" + "i" * ndim, body[4:4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    size = int(np.prod(dims))
+    if len(body) - offset != size:
+        raise DataError(f"{path}: holds {len(body) - offset} data bytes, header says {size}")
+    return np.frombuffer(body, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def mnist(path=None, check_md5=True):
+    """MNIST from the four standard IDX gzip files in ``path`` (or ``$PITMPI_DATA``).
+
+    Pixels are scaled to [0, 1], images flattened to 784 features, then
+    standardised.  The validation split is the 10,000-image test set.
+    """
+    root = resolve_data_dir(path)
+    arrays = {}
+    for fname, (md5, magic, count) in MNIST_FILES.items():
+        arrays[fname] = read_idx(os.path.join(root, fname), md5 if check_md5 else None, magic, count)
+    xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, -1) / 255.0
+    xv = arrays["t10k-images-idx3-ubyte.gz"].reshape(10000, -1) / 255.0
+    yt = arrays["train-labels-idx1-ubyte.gz"]
+    yv = arrays["t10k-labels-idx1-ubyte.gz"]
+    for name, y in (("train-labels-idx1-ubyte.gz", yt), ("t10k-labels-idx1-ubyte.gz", yv)):
+        if y.max() > 9:
+            raise DataError(f"{os.path.join(root, name)}: label {int(y.max())} outside 0..9")
+    return _finish("mnist", xt, yt, xv, yv, 10)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def npz(path):
+    """A user ``.npz`` file with keys ``x_train, y_train, x_test, y_test``.
+
+    Images of any shape are flattened; integer features are taken as pixel
+    data and scaled to [0, 1]; labels must be integers ``0..c-1``.
+    """
+    if not path:
+        raise DataError("data.path must name the .npz file for data.name = 'npz'")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing key(s) {', '.join(missing)}; "
+                                f"required: {', '.join(NPZ_KEYS)}")
+            arrs = {k: f[k] for k in NPZ_KEYS}
+    except DataError:
+        raise
+    except Exception as e:  # zipfile/ValueError/OSError: not a readable npz
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    xs = {}
+    for split in ("train", "test"):
+        x, y = arrs[f"x_{split}"], arrs[f"y_{split}"]
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise DataError(f"{path}: x_{split} has shape {x.shape}; expected (n, ...) with n >= 1")
+        y = np.squeeze(y) if y.ndim == 2 and 1 in y.shape else y
+        if y.ndim != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{path}: y_{split} has shape {arrs[f'y_{split}'].shape}; "
+                            f"expected ({x.shape[0]},) to match x_{split}")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.equal(np.mod(y, 1), 0)):
+                raise DataError(f"{path}: y_{split} holds non-integer labels")
+        if np.issubdtype(x.dtype, np.integer):
+            x = x / float(np.iinfo(x.dtype).max) if x.dtype == np.uint8 else x.astype(np.float64)
+        x = x.reshape(x.shape[0], -1).astype(np.float64)
+        if not np.all(np.isfinite(x)):
+            raise DataError(f"{path}: x_{split} holds NaN or Inf")
+        if y.min() < 0:
+            raise DataError(f"{path}: y_{split} holds negative labels; expected 0..c-1")
+        xs[split] = (x, y.astype(np.int64))
+    if xs["train"][0].shape[1] != xs["test"][0].shape[1]:
+        raise DataError(f"{path}: x_train has {xs['train'][0].shape[1]} features per sample, "
+                        f"x_test {xs['test'][0].shape[1]}")
+    return _finish("npz", xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1])
+
+
+def load(name, path=None, seed=0, n_train=None, n_val=None):
+    """Load a dataset by name (``swissroll``, ``ellipses``, ``mnist``, ``npz``).
+
+    ``n_train`` / ``n_val`` optionally keep only the first samples of each
+    split (after loading; for quick runs and tests).
+    """
+    if name == "swissroll":
+        ds = swissroll()
+    elif name == "ellipses":
+        ds = ellipses(seed=seed)
+    elif name == "mnist":
+        ds = mnist(path)
+    elif name == "npz":
+        ds = npz(path)
+    else:
+        raise DataError(f"data.name = {name!r} is not a dataset; allowed: {', '.join(DATASETS)}")
+    if n_train:
+        ds.x_train, ds.y_train = ds.x_train[:n_train], ds.y_train[:n_train]
+    if n_val:
+        ds.x_val, ds.y_val = ds.x_val[:n_val], ds.y_val[:n_val]
+    return ds

@@ -1,0 +1,104 @@
+"""Explicit Euler ResNet block: forward sweep and hand-written adjoint.
+
+Conventions (DESIGN §2), rows are samples::
+
+    A_j = Y_j @ K[j].T + b[j],    Y_{j+1} = Y_j + h σ(A_j)
+
+and, going back with ``Λ_j = ∂J/∂Y_j`` and ``D = σ'(A_j) ⊙ Λ_{j+1}``::
+
+    ∇K[j] = h Dᵀ Y_j,   ∇b[j] = h 1ᵀ D,   Λ_j = Λ_{j+1} + h D @ K[j].
+
+A block runs the layers it is given (``K`` of shape ``(m, w, w)`` holds the
+block's own layers), so a full network is the block ``[0, L)``.
+"""
+import numpy as np
+
+
+def state_width(width):
+    """Width of the state carried between layers: ``w`` for Euler."""
+    return width
+
+
+class EulerTrajectory:
+    """States ``Y`` (m+1, n, w) and activations ``S = σ(A)`` (m, n, w)."""
+
+    def __init__(self, Y, S):
+        self.Y = Y
+        self.S = S
+
+    @property
+    def output(self):
+        """The state at the block's right end, shape (n, w)."""
+        return self.Y[-1]
+
+
+def forward(K, b, h, x, act, store=True):
+    """Run layers ``K, b`` from the state ``x``.
+
+    Parameters
+    ----------
+    K : ndarray, shape (m, w, w)
+    b : ndarray, shape (m, w)
+    h : float
+        Step size.
+    x : ndarray, shape (n, w)
+        State at the block's left end.
+    act : Activation
+    store : bool
+        Ignored for Euler (the trajectory is always kept: the scheme is not
+        invertible).
+
+    Returns
+    -------
+    EulerTrajectory
+    """
+    m = K.shape[0]
+    n, w = x.shape
+    Y = np.empty((m + 1, n, w), dtype=x.dtype)
+    S = np.empty((m, n, w), dtype=x.dtype)
+    Y[0] = x
+    for j in range(m):
+        s = S[j]
+        np.matmul(Y[j], K[j].T, out=s)
+        s += b[j]
+        act.apply(s)
+        np.multiply(s, h, out=Y[j + 1])
+        Y[j + 1] += Y[j]
+    return EulerTrajectory(Y, S)
+
+
+def backward(K, h, traj, lam, act, gK, gb):
+    """Adjoint sweep through the block.
+
+    Parameters
+    ----------
+    K : ndarray, shape (m, w, w)
+    h : float
+    traj : EulerTrajectory
+        From :func:`forward` with the same ``K``.
+    lam : ndarray, shape (n, w)
+        Co-state ``Λ`` at the block's right end (not modified).
+    act : Activation
+    gK : ndarray, shape (m, w, w)
+        Overwritten with ``∇K`` (weight decay not included).
+    gb : ndarray, shape (m, w)
+        Overwritten with ``∇b``.
+
+    Returns
+    -------
+    ndarray, shape (n, w)
+        Co-state at the block's left end.
+    """
+    lam = np.array(lam, copy=True)
+    D = np.empty_like(lam)
+    tmp = np.empty_like(lam)
+    for j in range(K.shape[0] - 1, -1, -1):
+        act.scale_by_derivative(traj.S[j], lam, out=D)
+        np.matmul(D.T, traj.Y[j], out=gK[j])
+        gK[j] *= h
+        np.sum(D, axis=0, out=gb[j])
+        gb[j] *= h
+        np.matmul(D, K[j], out=tmp)
+        tmp *= h
+        lam += tmp
+    return lam

@@ -1,0 +1,99 @@
+"""Opening layer and classifier with softmax cross-entropy (DESIGN §2).
+
+Opening: ``Y0 = σ(X @ Ko.T + bo)``.  Classifier on ``Y_L``:
+``S = Y_L @ W.T + mu`` and ``Φ = (1/n) Σ_i [logsumexp(S_i) − S_{i,y_i}]``.
+"""
+import numpy as np
+
+
+def opening_forward(Ko, bo, X, act):
+    """Return ``σ(X @ Ko.T + bo)``, shape (n, w), for ``X`` (n, d)."""
+    S0 = X @ Ko.T
+    S0 += bo
+    return act.apply(S0)
+
+
+def opening_backward(X, S0, lam0, act):
+    """Gradients of the opening layer.
+
+    Parameters
+    ----------
+    X : ndarray, shape (n, d)
+    S0 : ndarray, shape (n, w)
+        Output of :func:`opening_forward`.
+    lam0 : ndarray, shape (n, w)
+        Co-state ``Λ^Y_0``.
+    act : Activation
+
+    Returns
+    -------
+    gKo : ndarray, shape (w, d)
+    gbo : ndarray, shape (w,)
+    """
+    D0 = act.scale_by_derivative(S0, lam0, out=np.empty_like(S0))
+    return D0.T @ X, D0.sum(axis=0)
+
+
+def scores(W, mu, Y):
+    """Class scores ``Y @ W.T + mu``, shape (n, c)."""
+    S = Y @ W.T
+    S += mu
+    return S
+
+
+def cross_entropy(S, y):
+    """Per-sample cross-entropy terms and softmax probabilities.
+
+    Parameters
+    ----------
+    S : ndarray, shape (n, c)
+        Scores.
+    y : ndarray of int, shape (n,)
+
+    Returns
+    -------
+    losses : ndarray, shape (n,)
+        ``logsumexp(S_i) − S_{i, y_i}``.
+    P : ndarray, shape (n, c)
+        ``softmax(S)``.
+    """
+    shift = S.max(axis=1, keepdims=True)
+    E = np.exp(S - shift)
+    Z = E.sum(axis=1, keepdims=True)
+    rows = np.arange(S.shape[0])
+    losses = (np.log(Z[:, 0]) + shift[:, 0]) - S[rows, y]
+    P = E / Z
+    return losses, P
+
+
+def classifier_loss_and_grad(W, mu, Y, y, n_norm):
+    """Loss and gradients of the classifier for the last state ``Y``.
+
+    Parameters
+    ----------
+    W : ndarray, shape (c, w)
+    mu : ndarray, shape (c,)
+    Y : ndarray, shape (n, w)
+        Final state ``Y_L`` (for Verlet only the ``Y`` half).
+    y : ndarray of int, shape (n,)
+    n_norm : int
+        The ``n`` of the mean (the whole batch; a data-parallel rank holds a
+        slice of it).
+
+    Returns
+    -------
+    loss_sum : float
+        ``Σ_i [logsumexp(S_i) − S_{i,y_i}] / n_norm`` over the rows given.
+    correct : int
+        Number of rows whose arg-max score is the label.
+    gW : ndarray, shape (c, w)
+    gmu : ndarray, shape (c,)
+    lamY : ndarray, shape (n, w)
+        ``Λ_L = G @ W`` with ``G = (softmax(S) − onehot(y)) / n_norm``.
+    """
+    S = scores(W, mu, Y)
+    losses, G = cross_entropy(S, y)
+    correct = int(np.count_nonzero(S.argmax(axis=1) == y))
+    G[np.arange(len(y)), y] -= 1.0
+    G /= n_norm
+    return float(losses.sum() / n_norm), correct, G.T @ Y, G.sum(axis=0), G @ W

@@ -1,0 +1,315 @@
+"""The residual network: parameters, layer blocks, loss and gradient.
+
+A :class:`Block` is a contiguous range of ODE layers ``[a, b)``; the block
+that starts at 0 also owns the opening layer and the one that ends at ``L``
+the classifier and loss.  The whole network is the block ``[0, L)``, so the
+serial trainer and every parallel method run the same code.
+
+Parameter names (DESIGN §2): ``open.K (w, d)``, ``open.b (w,)``,
+``K (L, w, w)``, ``b (L, w)``, ``cls.W (c, w)``, ``cls.b (c,)``.  A block's
+*local* parameters hold only its own layers: ``K (b-a, w, w)``, ``b (b-a, w)``.
+"""
+import numpy as np
+
+from .kernels import (ACTIVATIONS, SCHEMES, Activation, classifier_loss_and_grad,
+                      opening_backward, opening_forward, scores)
+
+PARAM_NAMES = ("open.K", "open.b", "K", "b", "cls.W", "cls.b")
+OPENING = ("open.K", "open.b")
+LAYERS = ("K", "b")
+CLASSIFIER = ("cls.W", "cls.b")
+DTYPES = {"float64": np.float64, "float32": np.float32}
+
+
+class ResNet:
+    """A ResNet seen as the discretised ODE of DESIGN §2.
+
+    Parameters
+    ----------
+    scheme : {"euler", "verlet"}
+    n_features : int
+        Input dimension ``d``.
+    width : int
+        Layer width ``w``.
+    layers : int
+        Number of ODE layers ``L``.
+    n_classes : int
+        Number of classes ``c``.
+    T : float
+        Final time; the step is ``h = T / L``.
+    activation : {"tanh", "relu"}
+    weight_decay : float
+        ``β`` of DESIGN §2.
+    dtype : {"float64", "float32"}
+    store_trajectory : bool
+        Verlet only: False rebuilds states backwards in the adjoint instead of
+        storing them (memory independent of depth).
+    """
+
+    def __init__(self, scheme, n_features, width, layers, n_classes, T,
+                 activation="tanh", weight_decay=0.0, dtype="float64",
+                 store_trajectory=True):
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        for name, value in (("n_features", n_features), ("width", width),
+                            ("layers", layers), ("n_classes", n_classes)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not T > 0:
+            raise ValueError(f"T must be positive, got {T!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.scheme_name = scheme
+        self.scheme = SCHEMES[scheme]
+        self.n_features = int(n_features)
+        self.width = int(width)
+        self.layers = int(layers)
+        self.n_classes = int(n_classes)
+        self.T = float(T)
+        self.h = self.T / self.layers
+        self.activation = activation
+        self.act = Activation(activation)
+        self.weight_decay = float(weight_decay)
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        self.store_trajectory = bool(store_trajectory)
+        self.state_width = self.scheme.state_width(self.width)
+
+    def __repr__(self):
+        return (f"ResNet({self.scheme_name!r}, n_features={self.n_features}, width={self.width}, "
+                f"layers={self.layers}, n_classes={self.n_classes}, T={self.T}, "
+                f"activation={self.activation!r}, weight_decay={self.weight_decay})")
+
+    def with_layers(self, layers):
+        """The same network on another grid (same ``T``), e.g. the coarse model."""
+        return ResNet(self.scheme_name, self.n_features, self.width, layers, self.n_classes,
+                      self.T, self.activation, self.weight_decay, self.dtype_name,
+                      self.store_trajectory)
+
+    def param_shapes(self):
+        """Shapes of the full parameter set, by name."""
+        w, d, L, c = self.width, self.n_features, self.layers, self.n_classes
+        return {"open.K": (w, d), "open.b": (w,), "K": (L, w, w), "b": (L, w),
+                "cls.W": (c, w), "cls.b": (c,)}
+
+    def init_params(self, seed):
+        """Random initial parameters, the same for any partition.
+
+        ``open.K ~ N(0, 1/d)``, ``K ~ N(0, 1/w)``, ``cls.W ~ N(0, 1/w)``
+        (entrywise), biases zero.
+
+        Parameters
+        ----------
+        seed : int
+
+        Returns
+        -------
+        dict of str to ndarray
+        """
+        rng = np.random.default_rng(seed)
+        shapes = self.param_shapes()
+        p = {
+            "open.K": rng.standard_normal(shapes["open.K"]) / np.sqrt(self.n_features),
+            "open.b": np.zeros(shapes["open.b"]),
+            "K": rng.standard_normal(shapes["K"]) / np.sqrt(self.width),
+            "b": np.zeros(shapes["b"]),
+            "cls.W": rng.standard_normal(shapes["cls.W"]) / np.sqrt(self.width),
+            "cls.b": np.zeros(shapes["cls.b"]),
+        }
+        return {k: v.astype(self.dtype) for k, v in p.items()}
+
+    def block(self, a, b):
+        """The block of layers ``[a, b)``; see :class:`Block`."""
+        return Block(self, a, b)
+
+    def full(self):
+        """The whole network as one block."""
+        return Block(self, 0, self.layers)
+
+    def loss_and_grad(self, params, X, y):
+        """Loss (with weight decay) and its gradient.
+
+        Parameters
+        ----------
+        params : dict of str to ndarray
+        X : ndarray, shape (n, d)
+        y : ndarray of int, shape (n,)
+
+        Returns
+        -------
+        loss : float
+        grads : dict of str to ndarray, same keys and shapes as ``params``
+        """
+        blk = self.full()
+        X = np.asarray(X, dtype=self.dtype)
+        ctx = blk.forward(params, X)
+        _, grads, (loss, _) = blk.backward(params, ctx, y=np.asarray(y), n_norm=len(y))
+        blk.add_decay_grad(params, grads)
+        return loss + blk.decay(params), grads
+
+    def predict(self, params, X, chunk=8192):
+        """Class scores, shape (n, c), for ``X`` (n, d), in chunks of rows."""
+        blk = self.full()
+        X = np.asarray(X, dtype=self.dtype)
+        out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)
+        for i in range(0, X.shape[0], chunk):
+            out[i:i + chunk] = blk.scores(params, blk.forward(params, X[i:i + chunk], store=False))
+        return out
+
+
+class Block:
+    """Layers ``[a, b)`` of ``net``, with the opening layer if ``a == 0`` and the
+    classifier if ``b == L``.
+
+    Parameters
+    ----------
+    net : ResNet
+    a, b : int
+        ``0 <= a < b <= L``.
+    """
+
+    def __init__(self, net, a, b):
+        if not 0 <= a < b <= net.layers:
+            raise ValueError(f"block [{a}, {b}) is not inside [0, {net.layers})")
+        self.net, self.a, self.b = net, int(a), int(b)
+        self.first = self.a == 0
+        self.last = self.b == net.layers
+        self.param_names = ((OPENING if self.first else ()) + LAYERS
+                            + (CLASSIFIER if self.last else ()))
+
+    def __repr__(self):
+        return f"Block([{self.a}, {self.b}) of {self.net.layers})"
+
+    def local_params(self, full_params):
+        """Copy this block's share of a full parameter set."""
+        out = {}
+        for name in self.param_names:
+            v = full_params[name]
+            out[name] = np.array(v[self.a:self.b] if name in LAYERS else v, dtype=self.net.dtype)
+        return out
+
+    def forward(self, params, inp, store=None):
+        """Forward sweep through the block.
+
+        Parameters
+        ----------
+        params : dict
+            Local parameters (see :meth:`local_params`).
+        inp : ndarray
+            Features ``X`` (n, d) if the block is first, else the state at
+            ``a``, shape (n, state_width).
+        store : bool, optional
+            Keep the trajectory for the adjoint (default: the network's
+            ``store_trajectory``; Euler always stores).
+
+        Returns
+        -------
+        BlockForward
+            ``.output`` is the state at ``b``, shape (n, state_width).
+        """
+        net = self.net
+        store = net.store_trajectory if store is None else store
+        S0 = None
+        if self.first:
+            S0 = opening_forward(params["open.K"], params["open.b"], inp, net.act)
+            x = S0
+            if net.state_width != net.width:
+                x = np.hstack([S0, np.zeros_like(S0)])
+        else:
+            x = inp
+        traj = net.scheme.forward(params["K"], params["b"], net.h, x, net.act, store=store)
+        return BlockForward(inp, S0, traj)
+
+    def scores(self, params, ctx):
+        """Class scores (n, c) from a forward pass of the last block."""
+        return scores(params["cls.W"], params["cls.b"], ctx.output[:, :self.net.width])
+
+    def backward(self, params, ctx, lam_out=None, y=None, n_norm=None):
+        """Adjoint sweep through the block.
+
+        Parameters
+        ----------
+        params : dict
+            Local parameters.
+        ctx : BlockForward
+            From :meth:`forward`.
+        lam_out : ndarray, shape (n, state_width), optional
+            Co-state at ``b``; required unless the block is last.
+        y : ndarray of int, shape (n,), optional
+            Labels; required if the block is last.
+        n_norm : int, optional
+            Normaliser of the mean loss (default ``n``).
+
+        Returns
+        -------
+        lam_in : ndarray, shape (n, state_width) or None
+            Co-state at ``a`` (None for the first block).
+        grads : dict
+            Gradients of the local parameters, weight decay not included.
+        stats : (float, int)
+            For the last block the data loss of these rows (divided by
+            ``n_norm``) and the count of correct predictions, else (0.0, 0).
+        """
+        net = self.net
+        w = net.width
+        grads = {}
+        stats = (0.0, 0)
+        if self.last:
+            Y_L = ctx.output[:, :w]
+            n_norm = len(y) if n_norm is None else n_norm
+            loss, correct, gW, gmu, lamY = classifier_loss_and_grad(
+                params["cls.W"], params["cls.b"], Y_L, y, n_norm)
+            grads["cls.W"], grads["cls.b"] = gW, gmu
+            stats = (loss, correct)
+            if net.state_width != w:
+                lam_out = np.hstack([lamY, np.zeros_like(lamY)])
+            else:
+                lam_out = lamY
+        elif lam_out is None:
+            raise ValueError(f"{self!r} is not last: it needs the co-state at its right end")
+        K = params["K"]
+        gK = np.empty_like(K)
+        gb = np.empty_like(params["b"])
+        lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb)
+        grads["K"], grads["b"] = gK, gb
+        if self.first:
+            grads["open.K"], grads["open.b"] = opening_backward(ctx.inp, ctx.S0, lam_in[:, :w], net.act)
+            lam_in = None
+        return lam_in, grads, stats
+
+    def decay(self, params):
+        """This block's part of the weight-decay term of the loss."""
+        beta = self.net.weight_decay
+        if beta == 0.0:
+            return 0.0
+        total = 0.0
+        for name in self.param_names:
+            sq = float(np.vdot(params[name], params[name]))
+            total += self.net.h * sq if name in LAYERS else sq
+        return 0.5 * beta * total
+
+    def add_decay_grad(self, params, grads):
+        """Add the weight-decay gradient (``βhK``, ``βhb``, ``βKo``, ...) in place."""
+        beta = self.net.weight_decay
+        if beta == 0.0:
+            return grads
+        for name in self.param_names:
+            scale = beta * self.net.h if name in LAYERS else beta
+            grads[name] += scale * params[name]
+        return grads
+
+
+class BlockForward:
+    """What a block's forward sweep keeps for its adjoint."""
+
+    def __init__(self, inp, S0, traj):
+        self.inp, self.S0, self.traj = inp, S0, traj
+
+    @property
+    def output(self):
+        """State at the block's right end, shape (n, state_width)."""
+        return self.traj.output

@@ -1,0 +1,1 @@
+"""Parallel training: communicators, partition, and the training methods."""

@@ -1,0 +1,258 @@
+"""Communicators: a thin wrapper over mpi4py and a serial stand-in.
+
+Training code talks to a :class:`Comm` (passed explicitly, never a module
+global).  :class:`MPIComm` wraps an mpi4py communicator; :func:`run_emulated`
+runs ``N`` ranks as threads of one process over :class:`ThreadComm`, with the
+same message semantics, so that "N emulated blocks == N MPI ranks" is
+testable without ``mpirun``.  Both count the seconds spent inside
+communication calls (``wait_seconds``).
+"""
+import queue
+import threading
+import time
+
+import numpy as np
+
+STATE_TAG = 0          # states travel forward
+COSTATE_TAG = 1 << 14  # co-states travel backward
+TAG_SPAN = 1 << 14     # batch ids are folded into [0, TAG_SPAN)
+
+
+def batch_tag(base, batch_id):
+    """Message tag for a batch: ``base + batch_id mod TAG_SPAN``."""
+    return base + (batch_id % TAG_SPAN)
+
+
+class Comm:
+    """Interface of the communicators used by the trainers."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self):
+        self.wait_seconds = 0.0
+
+    def _timed(self, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.wait_seconds += time.perf_counter() - t
+
+    # public API: each call is timed -------------------------------------
+    def sendrecv(self, sendbuf, dest, recvbuf, source, sendtag=0, recvtag=0):
+        """Send ``sendbuf`` to ``dest`` and receive into ``recvbuf`` from
+        ``source`` at once; ``None`` for either rank skips that half."""
+        return self._timed(self._sendrecv, sendbuf, dest, recvbuf, source, sendtag, recvtag)
+
+    def send(self, buf, dest, tag=0):
+        return self._timed(self._send, buf, dest, tag)
+
+    def recv(self, buf, source, tag=0):
+        return self._timed(self._recv, buf, source, tag)
+
+    def allreduce_sum(self, buf):
+        """Sum ``buf`` (contiguous ndarray) over ranks, in place."""
+        return self._timed(self._allreduce_sum, buf)
+
+    def bcast(self, obj, root=0):
+        return self._timed(self._bcast, obj, root)
+
+    def gather(self, obj, root=0):
+        """List of every rank's ``obj`` on ``root``; None elsewhere."""
+        return self._timed(self._gather, obj, root)
+
+    def allgather(self, obj):
+        return self._timed(self._allgather, obj)
+
+    def barrier(self):
+        return self._timed(self._barrier)
+
+
+class MPIComm(Comm):
+    """A :class:`Comm` over an mpi4py communicator.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+    """
+
+    def __init__(self, comm):
+        super().__init__()
+        from mpi4py import MPI  # only here: kernels and trainers never import MPI
+        self._MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def _peer(self, r):
+        return self._MPI.PROC_NULL if r is None else r
+
+    def _sendrecv(self, sendbuf, dest, recvbuf, source, sendtag, recvtag):
+        self.comm.Sendrecv(sendbuf, dest=self._peer(dest), sendtag=sendtag,
+                           recvbuf=recvbuf, source=self._peer(source), recvtag=recvtag)
+
+    def _send(self, buf, dest, tag):
+        self.comm.Send(buf, dest=dest, tag=tag)
+
+    def _recv(self, buf, source, tag):
+        self.comm.Recv(buf, source=source, tag=tag)
+
+    def _allreduce_sum(self, buf):
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return buf
+
+    def _bcast(self, obj, root):
+        return self.comm.bcast(obj, root=root)
+
+    def _gather(self, obj, root):
+        return self.comm.gather(obj, root=root)
+
+    def _allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def _barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+
+class EmulationAborted(RuntimeError):
+    """Raised in an emulated rank when another emulated rank has failed."""
+
+
+class _ThreadWorld:
+    """Shared mailboxes and collectives of one emulated job."""
+
+    def __init__(self, size, timeout):
+        self.size = size
+        self.timeout = timeout
+        self.aborted = threading.Event()
+        self.lock = threading.Lock()
+        self.boxes = {}
+        self.slots = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def box(self, src, dst, tag):
+        with self.lock:
+            return self.boxes.setdefault((src, dst, tag), queue.Queue())
+
+    def sync(self):
+        try:
+            self.barrier.wait(timeout=self.timeout)
+        except threading.BrokenBarrierError:
+            raise EmulationAborted("another emulated rank failed") from None
+
+
+class ThreadComm(Comm):
+    """One rank of an emulated job; see :func:`run_emulated`."""
+
+    def __init__(self, world, rank):
+        super().__init__()
+        self.world, self.rank, self.size = world, rank, world.size
+
+    def _send(self, buf, dest, tag):
+        self.world.box(self.rank, dest, tag).put(np.array(buf, copy=True))
+
+    def _recv(self, buf, source, tag):
+        box = self.world.box(source, self.rank, tag)
+        deadline = time.monotonic() + self.world.timeout
+        while True:
+            if self.world.aborted.is_set():
+                raise EmulationAborted("another emulated rank failed")
+            try:
+                msg = box.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"emulated rank {self.rank}: no message from "
+                                       f"{source} (tag {tag})") from None
+        if msg.shape != buf.shape:
+            raise ValueError(f"emulated rank {self.rank}: message of shape {msg.shape} "
+                             f"into buffer of shape {buf.shape}")
+        buf[...] = msg
+
+    def _sendrecv(self, sendbuf, dest, recvbuf, source, sendtag, recvtag):
+        if dest is not None:
+            self._send(sendbuf, dest, sendtag)
+        if source is not None:
+            self._recv(recvbuf, source, recvtag)
+
+    def _exchange(self, obj):
+        w = self.world
+        w.sync()
+        w.slots[self.rank] = obj
+        w.sync()
+        out = list(w.slots)
+        w.sync()
+        return out
+
+    def _allreduce_sum(self, buf):
+        parts = self._exchange(np.array(buf, copy=True))
+        total = parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        buf[...] = total
+        return buf
+
+    def _bcast(self, obj, root):
+        return self._exchange(obj)[root]
+
+    def _gather(self, obj, root):
+        out = self._exchange(obj)
+        return out if self.rank == root else None
+
+    def _allgather(self, obj):
+        return self._exchange(obj)
+
+    def _barrier(self):
+        self.world.sync()
+
+    def abort(self, code=1):
+        self.world.aborted.set()
+        self.world.barrier.abort()
+        raise EmulationAborted(f"emulated rank {self.rank} called abort({code})")
+
+
+def run_emulated(size, fn, *args, timeout=600.0, **kwargs):
+    """Run ``fn(comm, *args, **kwargs)`` on ``size`` emulated ranks (threads).
+
+    Returns
+    -------
+    list
+        Each rank's return value, by rank.
+
+    Raises
+    ------
+    Exception
+        The first failure of any rank (the others are stopped, never left
+        waiting).
+    """
+    world = _ThreadWorld(size, timeout)
+    results = [None] * size
+    errors = [None] * size
+
+    def target(r):
+        try:
+            results[r] = fn(ThreadComm(world, r), *args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors[r] = e
+            world.aborted.set()
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    primary = [e for e in errors if e is not None and not isinstance(e, EmulationAborted)]
+    if primary or any(errors):
+        raise (primary or [e for e in errors if e is not None])[0]
+    return results
+
+
+def world_comm():
+    """``MPIComm(MPI.COMM_WORLD)``; the one place COMM_WORLD is looked up."""
+    from mpi4py import MPI
+    return MPIComm(MPI.COMM_WORLD)

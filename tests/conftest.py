@@ -1,0 +1,22 @@
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def mnist_dir():
+    """MNIST IDX directory: $PITMPI_DATA, else ../shared/data/mnist beside the repo."""
+    for cand in (os.environ.get("PITMPI_DATA"), REPO.parent / "shared" / "data" / "mnist"):
+        if cand and (pathlib.Path(cand) / "train-images-idx3-ubyte.gz").is_file():
+            return str(cand)
+    return None
+
+
+@pytest.fixture
+def mnist_path():
+    path = mnist_dir()
+    if path is None:
+        pytest.skip("MNIST files not found: set PITMPI_DATA to the directory of the IDX files")
+    return path

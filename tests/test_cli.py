@@ -1,0 +1,110 @@
+"""The command line: errors (exit 2, one line, no output file) and a real run."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pitmpi import PARAM_NAMES, config
+from pitmpi.cli import main
+from pitmpi.parallel.comm import run_emulated
+
+from .conftest import REPO
+
+QUICK = ["--set", "train.epochs=2", "--set", "model.layers=4", "--quiet"]
+
+
+def run_main(argv, size=1):
+    return run_emulated(size, lambda comm: main(argv, comm=comm))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.layerz=3"], "unknown key model.layerz"),
+    (["modl.layers=3"], "unknown section [modl]"),
+    (["model.layers=0"], "model.layers = 0 is not allowed; expected an integer >= 1"),
+    (["model.layers=2.5"], "model.layers = 2.5 is not allowed"),
+    (["model.scheme=rk4"], "model.scheme = 'rk4' is not allowed; expected one of 'euler', 'verlet'"),
+    (["train.lr=0"], "train.lr = 0 is not allowed; expected a number > 0.0"),
+    (["train.lr=fast"], "train.lr = 'fast' is not allowed"),
+    (["train.method=sgd"], "train.method = 'sgd' is not allowed"),
+    (["train.batch_size=100000"], "larger than the 513 training samples"),
+    (["data.name=cifar"], "data.name = 'cifar' is not allowed"),
+    (["data.name=mnist", "data.path=/nonexistent/dir"], "data.path '/nonexistent/dir' is not a directory"),
+    (["data.name=npz", "data.path=/nonexistent.npz"], "/nonexistent.npz: file not found"),
+    (["output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
+    (["justtext"], "expected section.key=value"),
+])
+def test_bad_overrides(tmp_path, capsys, overrides, message):
+    out = tmp_path / "o.h5"
+    argv = ["train", "--out", str(out)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert run_main(argv) == [2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pitmpi: error: ")
+    assert message in err[0]
+    assert not out.exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nlayers = 3\n")
+    assert run_main(["train", str(bad), "--out", str(out)]) == [2]
+    assert "not valid TOML" in capsys.readouterr().err
+    assert run_main(["train", str(tmp_path / "none.toml"), "--out", str(out)]) == [2]
+    assert "config file not found" in capsys.readouterr().err
+    bad.write_text("[model]\nlayers = 3\nsheme = 'euler'\n")
+    assert run_main(["train", str(bad), "--out", str(out)]) == [2]
+    assert "unknown key model.sheme" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unwritable_output(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert run_main(["train", "--out", str(tmp_path / "f" / "x.h5")] + QUICK) == [2]
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_serial_on_several_ranks_is_an_error(tmp_path, capsys):
+    out = tmp_path / "o.h5"
+    assert run_main(["train", "--set", "train.method=serial", "--out", str(out)], size=2) == [2, 2]
+    err = capsys.readouterr().err
+    assert err.count("pitmpi: error:") == 1 and "runs on one rank" in err
+    assert not out.exists()
+
+
+def test_train_writes_documented_file(tmp_path):
+    out = tmp_path / "sub" / "r.h5"
+    assert run_main(["train", str(REPO / "run" / "swissroll.toml"), "--out", str(out),
+                     "--set", "train.method=serial"] + QUICK) == [0]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["method"] == "serial" and f.attrs["ranks"] == 1
+        cfg = config.load(None)
+        assert "[model]" in f.attrs["config"] and f.attrs["pitmpi_version"]
+        assert sorted(f["params"]) == sorted(PARAM_NAMES)
+        assert f["params/K"].shape == (4, cfg["model"]["width"], cfg["model"]["width"])
+        for name in ("train_acc", "val_acc", "epoch_wall", "train_loss", "val_loss"):
+            assert f["history"][name].shape == (2,)
+        assert f["history/loss"].shape == (2 * (513 // 32),)
+        assert np.all(np.diff(f["history/epoch_wall"][()]) > 0)
+        assert f["timing/train_wall"][()] > 0
+
+
+def test_module_entry_point_help_and_keys():
+    r = subprocess.run([sys.executable, "-m", "pitmpi", "train", "--help"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 0 and "--set" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pitmpi", "keys"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0 and "`model.scheme`" in r.stdout
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pitmpi", "train", "--set", "model.width=-1",
+                        "--out", str(tmp_path / "x.h5")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("pitmpi: error: model.width = -1 is not allowed; "
+                                "expected an integer >= 1")
+    assert not (tmp_path / "x.h5").exists()

@@ -1,0 +1,133 @@
+"""Adjoint kernels against central finite differences, block splitting, rebuild."""
+import numpy as np
+import pytest
+
+from pitmpi import ResNet
+
+
+def perturbed_params(net, seed):
+    p = net.init_params(seed)
+    rng = np.random.default_rng(seed + 100)
+    for k in p:  # non-zero biases so their gradients are exercised too
+        p[k] = p[k] + 0.3 * rng.standard_normal(p[k].shape)
+    return p
+
+
+def fd_relative_error(net, params, X, y, rng, probes=4, eps=1e-6):
+    """Worst relative error, over parameters, of directional derivatives."""
+    _, grads = net.loss_and_grad(params, X, y)
+    worst = 0.0
+    for name in params:
+        for _ in range(probes):
+            d = rng.standard_normal(params[name].shape)
+            plus = {k: v.copy() for k, v in params.items()}
+            minus = {k: v.copy() for k, v in params.items()}
+            plus[name] += eps * d
+            minus[name] -= eps * d
+            fd = (net.loss_and_grad(plus, X, y)[0] - net.loss_and_grad(minus, X, y)[0]) / (2 * eps)
+            an = float(np.vdot(grads[name], d))
+            worst = max(worst, abs(fd - an) / max(abs(fd), abs(an), 1e-10))
+    return worst
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("decay", [0.0, 0.05])
+@pytest.mark.parametrize("shape", [(5, 3, 4, 3, 3), (9, 2, 6, 7, 2)])
+def test_gradient_matches_finite_differences(scheme, activation, decay, shape):
+    n, d, w, L, c = shape
+    net = ResNet(scheme, d, w, L, c, T=2.0, activation=activation, weight_decay=decay)
+    params = perturbed_params(net, 1)
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((n, d))
+    y = rng.integers(0, c, n)
+    assert fd_relative_error(net, params, X, y, rng) <= 1e-6
+
+
+def test_finite_difference_check_can_fail():
+    """The check above detects a wrong gradient (a sign error in K)."""
+    net = ResNet("verlet", 3, 4, 3, 3, T=2.0)
+    params = perturbed_params(net, 1)
+    rng = np.random.default_rng(7)
+    X, y = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    real = net.loss_and_grad
+
+    def broken(p, X, y):
+        loss, g = real(p, X, y)
+        g["K"] = -g["K"]
+        return loss, g
+
+    net.loss_and_grad = broken
+    assert fd_relative_error(net, params, X, y, rng) > 1e-3
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+def test_blocks_compose_to_full_sweep(scheme):
+    net = ResNet(scheme, 3, 5, 8, 3, T=3.0, weight_decay=0.01)
+    params = perturbed_params(net, 2)
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((6, 3)), rng.integers(0, 3, 6)
+    full = net.full()
+    ctx = full.forward(params, X)
+    _, g_full, (loss_full, _) = full.backward(params, ctx, y=y)
+    a = 3
+    left, right = net.block(0, a), net.block(a, net.layers)
+    pl, pr = left.local_params(params), right.local_params(params)
+    cl = left.forward(pl, X)
+    cr = right.forward(pr, cl.output)
+    np.testing.assert_allclose(cr.output, ctx.output, rtol=0, atol=1e-14)
+    lam_a, g_r, (loss_r, _) = right.backward(pr, cr, y=y)
+    _, g_l, _ = left.backward(pl, cl, lam_out=lam_a)
+    assert loss_r == pytest.approx(loss_full, abs=1e-14)
+    np.testing.assert_allclose(np.concatenate([g_l["K"], g_r["K"]]), g_full["K"], atol=1e-14)
+    np.testing.assert_allclose(g_l["open.K"], g_full["open.K"], atol=1e-14)
+    np.testing.assert_allclose(g_r["cls.W"], g_full["cls.W"], atol=1e-14)
+    # the co-state at a equals the full sweep's co-state at a
+    mid = net.block(a, net.layers)
+    lam_mid, _, _ = mid.backward(pr, mid.forward(pr, cl.output), y=y)
+    np.testing.assert_array_equal(lam_mid, lam_a)
+    assert lam_a.shape == (6, net.state_width)
+
+
+def test_verlet_rebuild_equals_stored():
+    net = ResNet("verlet", 4, 6, 40, 3, T=4.0, weight_decay=0.01)
+    params = perturbed_params(net, 3)
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    loss_s, g_s = net.loss_and_grad(params, X, y)
+    rebuild = ResNet("verlet", 4, 6, 40, 3, T=4.0, weight_decay=0.01, store_trajectory=False)
+    loss_r, g_r = rebuild.loss_and_grad(params, X, y)
+    assert loss_r == loss_s
+    for k in g_s:
+        np.testing.assert_allclose(g_r[k], g_s[k], rtol=1e-9, atol=1e-12)
+
+
+def test_float32_close_to_float64():
+    n64 = ResNet("verlet", 3, 8, 6, 3, T=2.0)
+    n32 = ResNet("verlet", 3, 8, 6, 3, T=2.0, dtype="float32")
+    p = n64.init_params(0)
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((16, 3)), rng.integers(0, 3, 16)
+    l64, g64 = n64.loss_and_grad(p, X, y)
+    l32, g32 = n32.loss_and_grad({k: v.astype(np.float32) for k, v in p.items()}, X, y)
+    assert g32["K"].dtype == np.float32
+    assert l32 == pytest.approx(l64, rel=1e-5)
+    np.testing.assert_allclose(g32["K"], g64["K"], rtol=1e-3, atol=1e-6)
+
+
+def test_predict_shapes_and_init_independent_of_chunks():
+    net = ResNet("euler", 3, 4, 5, 7, T=1.0)
+    p = net.init_params(5)
+    assert {k: v.shape for k, v in p.items()} == net.param_shapes()
+    X = np.random.default_rng(1).standard_normal((20, 3))
+    np.testing.assert_array_equal(net.predict(p, X, chunk=3), net.predict(p, X))
+    assert net.predict(p, X).shape == (20, 7)
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="scheme"):
+        ResNet("rk4", 2, 2, 2, 2, T=1.0)
+    with pytest.raises(ValueError, match="layers"):
+        ResNet("euler", 2, 2, 0, 2, T=1.0)
+    with pytest.raises(ValueError, match="activation"):
+        ResNet("euler", 2, 2, 2, 2, T=1.0, activation="gelu")
