@@ -107,8 +107,9 @@ SCHEMA = {
                                        "first state arrives", choices=("coarse", "wait")),
     },
     "regression": {
-        "features": Key("str", "state", "regression features: [x, 1] or [x, onehot(y), 1]",
-                        choices=("state", "state+label")),
+        "features": Key("str", "per-class", "regression features: [x, 1] (state), "
+                        "[x, onehot(y), 1] (state+label), or one affine map per class (per-class)",
+                        choices=("state", "state+label", "per-class")),
         "ridge": Key("float", 1e-6, "ridge weight, relative to the mean diagonal of the "
                                     "Gram matrix", minimum=0.0),
         "forgetting": Key("float", 0.9, "exponential forgetting factor of the normal equations",

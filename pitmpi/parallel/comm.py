@@ -65,6 +65,10 @@ class Comm:
     def allgather(self, obj):
         return self._timed(self._allgather, obj)
 
+    def scatter(self, objs, root=0):
+        """Rank r gets ``objs[r]`` (``objs`` is read on ``root`` only)."""
+        return self._timed(self._scatter, objs, root)
+
     def barrier(self):
         return self._timed(self._barrier)
 
@@ -110,6 +114,9 @@ class MPIComm(Comm):
 
     def _allgather(self, obj):
         return self.comm.allgather(obj)
+
+    def _scatter(self, objs, root):
+        return self.comm.scatter(objs, root=root)
 
     def _barrier(self):
         self.comm.Barrier()
@@ -205,6 +212,9 @@ class ThreadComm(Comm):
 
     def _allgather(self, obj):
         return self._exchange(obj)
+
+    def _scatter(self, objs, root):
+        return self._exchange(objs)[root][self.rank]
 
     def _barrier(self):
         self.world.sync()

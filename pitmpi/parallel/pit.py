@@ -1,0 +1,145 @@
+"""``pit``: the parallel-in-time method (paper Algorithm 4, N ranks; DESIGN §6).
+
+At iteration ``k`` rank ``r`` works on batch ``g = k − r``:
+
+1. forward through its layers from the state received last iteration (rank
+   0: from the batch's features);
+2. the co-state at its right end is the loss gradient on the last rank and
+   the regression's prediction ``Λ̂ = φ(x) Θ / n`` elsewhere;
+3. backward, weight decay, update of its own controls;
+4. two ``Sendrecv``: states forward (``x_out → r+1``), co-states backward
+   (``λ_in → r−1``), tagged with the batch id;
+5. the co-state that arrived from ``r+1`` belongs to the state sent one
+   iteration earlier: that pair joins the information set, and the
+   regression is refitted.
+
+Before its first state arrives (``k < r``) rank ``r`` either starts from the
+coarse model's state at its boundary (``coarse.warmup = "coarse"``, only with
+the coarse phase) or waits (``"wait"``).  With one rank there are no
+boundaries and ``pit`` is exactly ``serial`` (the coarse phase is skipped).
+"""
+import time
+
+import numpy as np
+
+from .blocks import BlockTrainer
+from .coarse import coarse_phase
+from .comm import COSTATE_TAG, STATE_TAG, batch_tag
+from .methods import register
+from .regression import CostateRegression, prediction_errors
+
+
+class PitTrainer(BlockTrainer):
+    method = "pit"
+
+    def __init__(self, comm, cfg, data, log=None):
+        self.two_level = cfg["coarse"]["levels"] == 2 and comm.size > 1
+        super().__init__(comm, cfg, data, log)
+        if self.two_level and comm.rank == 0:
+            self.x_train = np.ascontiguousarray(data.x_train, dtype=self.net.dtype)
+        self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
+        sw, bs, dt = self.net.state_width, self.batches.batch_size, self.net.dtype
+        self.x_in = np.zeros((bs, sw), dtype=dt)
+        self.lam_right = np.zeros((bs, sw), dtype=dt)
+        self.zeros = np.zeros((bs, sw), dtype=dt)
+        self.sent = None  # (x_out, y, Λ̂) of the previous iteration
+        rg = cfg["regression"]
+        self.reg = None
+        if self.next is not None:
+            self.reg = CostateRegression(sw, self.net.n_classes, rg["features"], rg["ridge"],
+                                         rg["forgetting"])
+        n_iter = self.epochs * self.batches.per_epoch
+        self.mse = np.full(n_iter, np.nan)
+        self.rel = np.full(n_iter, np.nan)
+        self.warm_state = None
+
+    def grid_for(self, cfg):
+        return cfg["coarse"]["factor"] if self.two_level else 1
+
+    def setup(self):
+        comm = self.comm
+        self.log_partition()
+        if not self.two_level:
+            if comm.size == 1:
+                self.log.info("pit on one rank: no block boundaries, so no coarse phase; "
+                              "this is the serial algorithm")
+            self.init_block(self.net.init_params(self.cfg["train"]["seed"]))
+            return
+        payload = None
+        if comm.rank == 0:
+            t = time.perf_counter()
+            self.log.info("global prediction: coarse model of %d layers on rank 0",
+                          self.net.layers // self.cfg["coarse"]["factor"])
+            fine, reg_states, warm, info = coarse_phase(
+                self.net, self.cfg, self.batches, self.x_train, self.y_train, self.bounds, self.log)
+            self.seconds["coarse"] = time.perf_counter() - t
+            self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
+                          self.seconds["coarse"], info["iterations"], info["final_loss"])
+            payload = []
+            for r in range(comm.size):
+                blk = self.net.block(self.bounds[r], self.bounds[r + 1])
+                payload.append((blk.local_params(fine),
+                                reg_states[r] if r < comm.size - 1 else None, warm[r]))
+        params, reg_state, self.warm_state = comm.scatter(payload)
+        self.use_local_params(params)
+        if reg_state is not None:
+            self.reg.load_state(reg_state)
+
+    def active(self, rank, k):
+        """Whether ``rank`` computes at iteration ``k`` (False only while waiting)."""
+        return k >= rank or self.warmup == "coarse"
+
+    def step(self, k, epoch):
+        comm, blk, r = self.comm, self.block, self.comm.rank
+        g = k - r
+        needs_labels = blk.last or (self.reg is not None and self.reg.use_labels)
+        y = self.labels(g) if needs_labels else None
+        loss, correct, count = 0.0, 0, 0
+        x_out = lam_in = lam_hat = None
+        if self.active(r, k):
+            if blk.first:
+                inp = self.features(g)
+            elif k > 0 and self.active(r - 1, k - 1):
+                inp = self.x_in
+            else:
+                inp = self.warm_state
+            ctx = blk.forward(self.params, inp)
+            x_out = ctx.output
+            if blk.last:
+                lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y)
+                count = len(y)
+            else:
+                t = time.perf_counter()
+                lam_hat = self.reg.predict(x_out, y)
+                self.seconds["regression"] += time.perf_counter() - t
+                lam_in, grads, _ = blk.backward(self.params, ctx, lam_out=lam_hat)
+            loss = self.finish_step(grads, k, epoch, loss)
+            if self.next is not None:
+                x_out = np.array(x_out)  # keep: it pairs with next iteration's co-state
+        comm.sendrecv(x_out if x_out is not None else self.zeros, self.next,
+                      self.x_in, self.prev, batch_tag(STATE_TAG, g), batch_tag(STATE_TAG, g + 1))
+        comm.sendrecv(lam_in if lam_in is not None else self.zeros, self.prev,
+                      self.lam_right, self.next, batch_tag(COSTATE_TAG, g),
+                      batch_tag(COSTATE_TAG, g - 1))
+        if self.next is not None:
+            if self.sent is not None and self.active(r + 1, k):
+                t = time.perf_counter()
+                xs, ys, lam_hat_s = self.sent
+                self.mse[k], self.rel[k] = prediction_errors(lam_hat_s, self.lam_right)
+                self.reg.add(xs, ys, self.lam_right)
+                self.seconds["regression"] += time.perf_counter() - t
+            self.sent = (x_out, y, lam_hat) if x_out is not None else None
+        return loss, correct, count
+
+    def gather_extra_history(self):
+        parts = self.comm.gather((self.mse, self.rel))
+        if self.comm.rank != 0:
+            return {}
+        n_iter = len(self.mse)
+        bnd = self.comm.size - 1
+        mse = np.stack([parts[r][0] for r in range(bnd)], axis=1) if bnd else np.zeros((n_iter, 0))
+        rel = np.stack([parts[r][1] for r in range(bnd)], axis=1) if bnd else np.zeros((n_iter, 0))
+        return {"regression_mse": mse, "regression_rel": rel}
+
+
+register("pit", PitTrainer)

@@ -7,6 +7,7 @@ is timed as training), ``step(k, epoch)`` for global iteration ``k``,
 every rank calls ``run`` and the result lands on rank 0.
 """
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -119,10 +120,13 @@ class Trainer:
         self.setup()
         train_wall = time.perf_counter() - start
         samples = 0
+        fail_rank = os.environ.get("PITMPI_FAIL_RANK")  # test hook: this rank raises
         for epoch in range(self.epochs):
             t0 = time.perf_counter()
             correct = count = 0
             for k in range(epoch * B, (epoch + 1) * B):
+                if fail_rank == str(comm.rank) and k == 3:
+                    raise RuntimeError(f"injected failure (PITMPI_FAIL_RANK) at iteration {k}")
                 loss_parts[k], c, n = self.step(k, epoch)
                 correct += c
                 count += n

@@ -1,0 +1,100 @@
+"""What the layer-parallel methods share: one block of layers per rank.
+
+Rank ``r`` owns layers ``[s_r, s_{r+1})`` of the fine network (rank 0 also
+the opening layer, the last rank the classifier), its own parameters and its
+own optimizer state.  Evaluation pipes the validation set through the blocks;
+parameters are gathered on rank 0 at the end.
+"""
+import numpy as np
+
+from ..kernels import cross_entropy
+from ..optim import SGD
+from .comm import STATE_TAG
+from .partition import describe, layer_costs, partition
+from .trainer import Trainer
+
+EVAL_CHUNK = 4096
+
+
+class BlockTrainer(Trainer):
+    """Base of ``model-parallel`` and ``pit``: partition, local block, eval."""
+
+    grid = 1  # boundaries on multiples of this (pit: the coarsening factor)
+
+    def __init__(self, comm, cfg, data, log=None):
+        super().__init__(comm, cfg, data, log)
+        self.costs = layer_costs(self.net)
+        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg))
+        r = comm.rank
+        self.block = self.net.block(self.bounds[r], self.bounds[r + 1])
+        self.prev = r - 1 if r > 0 else None
+        self.next = r + 1 if r < comm.size - 1 else None
+        if r != 0:  # only rank 0 reads features; the others need labels only
+            self.x_train = None
+        self.params = None
+        self.opt = None
+
+    def grid_for(self, cfg):
+        return 1
+
+    def init_block(self, full_params):
+        """Take this rank's share of ``full_params`` and make its optimizer."""
+        self.use_local_params(self.block.local_params(full_params))
+
+    def use_local_params(self, params):
+        """Start from this block's own parameters, with a fresh optimizer."""
+        self.params = params
+        self.opt = SGD(self.params, self.cfg["train"]["momentum"])
+
+    def log_partition(self):
+        for line in describe(self.bounds, self.costs):
+            self.log.info("  %s", line)
+
+    def labels(self, g):
+        return self.y_train[self.batches.indices(g)]
+
+    def features(self, g):
+        return self.x_train[self.batches.indices(g)]
+
+    def finish_step(self, grads, k, epoch, loss):
+        """Add weight decay, update this block; return its loss part."""
+        loss += self.block.decay(self.params)
+        self.block.add_decay_grad(self.params, grads)
+        self.opt.step(self.params, grads, self.lr(k, epoch))
+        return loss
+
+    def evaluate(self, X, y):
+        """Pipe ``X`` through the blocks in chunks; the last rank scores it."""
+        comm, sw = self.comm, self.net.state_width
+        loss, correct = 0.0, 0
+        for i in range(0, len(y), EVAL_CHUNK):
+            yi = y[i:i + EVAL_CHUNK]
+            if self.block.first:
+                inp = X[i:i + EVAL_CHUNK]
+            else:
+                inp = np.empty((len(yi), sw), dtype=self.net.dtype)
+                comm.recv(inp, self.prev, STATE_TAG)
+            ctx = self.block.forward(self.params, inp, store=False)
+            if self.next is not None:
+                comm.send(np.ascontiguousarray(ctx.output), self.next, STATE_TAG)
+            else:
+                S = self.block.scores(self.params, ctx)
+                losses, _ = cross_entropy(S, yi)
+                loss += float(losses.sum())
+                correct += int((S.argmax(axis=1) == yi).sum())
+        return loss, correct
+
+    def gather_params(self):
+        parts = self.comm.gather(self.params)
+        if self.comm.rank != 0:
+            return None
+        full = {}
+        for part in parts:
+            full.update({k: v for k, v in part.items() if k not in ("K", "b")})
+        full["K"] = np.concatenate([p["K"] for p in parts])
+        full["b"] = np.concatenate([p["b"] for p in parts])
+        return full
+
+    def result_extra(self):
+        part = np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)
+        return {"partition": part}, {}

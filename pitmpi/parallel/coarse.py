@@ -1,0 +1,126 @@
+"""Global prediction: train the coarse model, then hand its results to the fine one.
+
+The coarse network has ``L / c`` layers on the same ``[0, T]`` (step ``c h``).
+Rank 0 trains it with the serial algorithm for ``coarse.iterations`` SGD
+steps, run as the chain of the fine partition's blocks so that the state and
+the co-state at every block boundary come out of each step; those pairs seed
+each boundary's regression (the paper's information set ``I_0``).  Its
+controls are then prolonged to the fine grid.
+"""
+import numpy as np
+
+from ..optim import SGD
+from .regression import CostateRegression
+
+
+def prolong(coarse_params, factor, kind="constant"):
+    """Coarse → fine controls.
+
+    ``constant`` copies each coarse layer ``factor`` times; ``linear``
+    interpolates ``K(t), b(t)`` linearly between coarse layer midpoints
+    (constant beyond the first and last).  Opening and classifier are copied.
+
+    Parameters
+    ----------
+    coarse_params : dict
+        Full coarse parameters, ``K`` of shape (Lc, w, w).
+    factor : int
+    kind : {"constant", "linear"}
+
+    Returns
+    -------
+    dict
+        Full fine parameters, ``K`` of shape (Lc * factor, w, w).
+    """
+    fine = {k: v.copy() for k, v in coarse_params.items() if k not in ("K", "b")}
+    Lc = coarse_params["K"].shape[0]
+    if kind == "constant":
+        for name in ("K", "b"):
+            fine[name] = np.repeat(coarse_params[name], factor, axis=0)
+        return fine
+    # fine midpoint (j + 1/2) h sits at coarse coordinate (j + 1/2) / factor - 1/2
+    u = (np.arange(Lc * factor) + 0.5) / factor - 0.5
+    u = np.clip(u, 0.0, Lc - 1.0)
+    i0 = np.minimum(np.floor(u).astype(int), max(Lc - 2, 0))
+    i1 = np.minimum(i0 + 1, Lc - 1)
+    t = u - i0
+    for name in ("K", "b"):
+        c = coarse_params[name]
+        shape = (-1,) + (1,) * (c.ndim - 1)
+        fine[name] = ((1.0 - t).reshape(shape) * c[i0] + t.reshape(shape) * c[i1]).astype(c.dtype)
+    return fine
+
+
+def coarse_phase(net, cfg, batches, x_train, y_train, bounds, log=None):
+    """Train the coarse model on rank 0 and prepare what the fine ranks need.
+
+    Parameters
+    ----------
+    net : ResNet
+        The fine network.
+    cfg : dict
+        Resolved configuration.
+    batches : BatchSchedule
+        The coarse phase uses batches ``0 .. m-1`` of it.
+    x_train, y_train : ndarray
+    bounds : ndarray of int, shape (N + 1,)
+        Fine block boundaries, multiples of ``coarse.factor``.
+
+    Returns
+    -------
+    fine_params : dict
+        Prolonged full fine parameters.
+    regression_states : list of tuple
+        ``CostateRegression.state()`` for each internal boundary ``s_1..s_{N-1}``.
+    warm_states : list of ndarray or None
+        For rank r >= 1, the coarse state at ``s_r`` of batch ``-r`` (what rank
+        r starts from at iteration 0); None for rank 0.
+    info : dict
+        ``iterations``, ``final_loss``.
+    """
+    co, tr, rg = cfg["coarse"], cfg["train"], cfg["regression"]
+    c = co["factor"]
+    cnet = net.with_layers(net.layers // c)
+    cbounds = np.asarray(bounds) // c
+    blocks = [cnet.block(a, b) for a, b in zip(cbounds[:-1], cbounds[1:])]
+    full = cnet.init_params(tr["seed"])
+    local = [blk.local_params(full) for blk in blocks]
+    opts = [SGD(p, tr["momentum"]) for p in local]
+    regs = [CostateRegression(net.state_width, net.n_classes, rg["features"], rg["ridge"],
+                              rg["forgetting"]) for _ in blocks[1:]]
+    iterations = co["iterations"] or batches.per_epoch
+    lr = co["lr"] or tr["lr"]
+    loss = np.nan
+    for g in range(iterations):
+        idx = batches.indices(g)
+        X, y = x_train[idx], y_train[idx]
+        ctxs, inp = [], X
+        for blk, p in zip(blocks, local):
+            ctxs.append(blk.forward(p, inp))
+            inp = ctxs[-1].output
+        lam = None
+        for i in range(len(blocks) - 1, -1, -1):
+            blk, p = blocks[i], local[i]
+            if i < len(blocks) - 1:
+                regs[i].add(ctxs[i].output, y, lam, refit=False)
+            lam, grads, (data_loss, _) = blk.backward(p, ctxs[i], lam_out=lam, y=y)
+            if blk.last:
+                loss = data_loss
+            blk.add_decay_grad(p, grads)
+            opts[i].step(p, grads, lr)
+        if log is not None and (g + 1) % max(iterations // 4, 1) == 0:
+            log.info("  coarse iteration %d/%d: batch loss %.4f", g + 1, iterations, loss)
+    for reg in regs:
+        reg.refit()
+    # the coarse states at each boundary for the pipeline's warm-up batches
+    warm = [None] * len(blocks)
+    for r in range(1, len(blocks)):
+        inp = x_train[batches.indices(-r)]
+        for blk, p in zip(blocks[:r], local[:r]):
+            inp = blk.forward(p, inp, store=False).output
+        warm[r] = np.ascontiguousarray(inp)
+    coarse_full = {k: v for p in local for k, v in p.items() if k not in ("K", "b")}
+    coarse_full["K"] = np.concatenate([p["K"] for p in local])
+    coarse_full["b"] = np.concatenate([p["b"] for p in local])
+    fine = prolong(coarse_full, c, co["prolongation"])
+    return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss}

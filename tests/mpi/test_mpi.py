@@ -1,0 +1,90 @@
+"""MPI runs (pytest-mpi): `mpirun -n N python -m pytest --with-mpi tests/mpi`.
+
+Each test works at any size, so CTest runs this file at 1, 2 and 3 ranks.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pitmpi import config, data
+from pitmpi.parallel.comm import MPIComm, run_emulated
+from pitmpi.parallel.methods import make_trainer
+
+QUICK = ["model.layers=12", "train.epochs=2", "output.progress=false"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def world():
+    from mpi4py import MPI
+    return MPIComm(MPI.COMM_WORLD)
+
+
+def train_mpi(overrides):
+    cfg = config.load(None, QUICK + overrides)
+    return make_trainer(world(), cfg, data.swissroll()).run()
+
+
+def train_serial_reference(overrides):
+    cfg = config.load(None, QUICK + overrides + ["train.method=serial"])
+    return run_emulated(1, lambda c: make_trainer(c, cfg, data.swissroll()).run())[0]
+
+
+def train_emulated(size, overrides):
+    cfg = config.load(None, QUICK + overrides)
+    return run_emulated(size, lambda c: make_trainer(c, cfg, data.swissroll()).run())[0]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+@pytest.mark.parametrize("method", ["data-parallel", "model-parallel"])
+def test_exact_methods_match_serial(method, scheme):
+    res = train_mpi([f"train.method={method}", f"model.scheme={scheme}"])
+    if world().rank == 0:
+        ref = train_serial_reference([f"model.scheme={scheme}"])
+        for k in ref.params:
+            tol = 0.0 if world().size == 1 else 1e-12
+            assert np.abs(res.params[k] - ref.params[k]).max() <= tol, k
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("overrides", [[], ["coarse.levels=1", "model.scheme=euler"],
+                                        ["coarse.warmup=wait"]])
+def test_pit_emulated_equals_mpi_bitwise(overrides):
+    res = train_mpi(["train.method=pit"] + overrides)
+    comm = world()
+    if comm.rank == 0:
+        emu = train_emulated(comm.size, ["train.method=pit"] + overrides)
+        for k in emu.params:
+            np.testing.assert_array_equal(res.params[k], emu.params[k])
+        np.testing.assert_array_equal(res.history["loss"], emu.history["loss"])
+        np.testing.assert_array_equal(res.history["regression_mse"], emu.history["regression_mse"])
+        if comm.size == 1:
+            ref = train_serial_reference(overrides)
+            for k in ref.params:
+                np.testing.assert_array_equal(res.params[k], ref.params[k])
+
+
+@pytest.mark.mpi(min_size=1)
+def test_failing_rank_ends_job(tmp_path_factory):
+    """A subprocess job whose last rank raises must end promptly, non-zero."""
+    comm = world()
+    if comm.rank != 0:
+        return
+    script = ("import os, sys\n"
+              "from pitmpi.cli import main\n"
+              "os.environ['PITMPI_FAIL_RANK'] = '1'\n"
+              "sys.exit(main(['train', '--quiet', '--set', 'train.method=model-parallel', "
+              "'--set', 'model.layers=4', '--set', 'train.epochs=50', "
+              "'--out', sys.argv[1]]))\n")
+    out = str(tmp_path_factory.mktemp("fail") / "o.h5")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    env["PITMPI_FAIL_RANK"] = "1"
+    launcher = os.environ.get("PITMPI_TEST_MPIEXEC", "mpiexec")
+    r = subprocess.run([launcher, "-n", "2", sys.executable, "-c", script, out],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode != 0
+    assert "rank 1 of 2 failed" in r.stderr
+    assert not os.path.exists(out)

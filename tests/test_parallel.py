@@ -1,0 +1,145 @@
+"""Parallel methods on emulated ranks (threads), no mpirun needed."""
+import numpy as np
+import pytest
+
+from pitmpi import config, data
+from pitmpi.errors import ConfigError
+from pitmpi.parallel.coarse import prolong
+from pitmpi.parallel.comm import run_emulated
+from pitmpi.parallel.methods import make_trainer
+from pitmpi.parallel.partition import layer_costs, partition
+from pitmpi.parallel.regression import CostateRegression, prediction_errors
+from pitmpi.model import ResNet
+
+SWISS = data.swissroll()
+QUICK = ["model.layers=8", "train.epochs=2", "output.progress=false"]
+
+
+def train(size, overrides, ds=SWISS):
+    cfg = config.load(None, QUICK + overrides)
+    return run_emulated(size, lambda comm: make_trainer(comm, cfg, ds).run())[0]
+
+
+def max_param_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def serial_ref():
+    return {scheme: train(1, [f"train.method=serial", f"model.scheme={scheme}"])
+            for scheme in ("euler", "verlet")}
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+@pytest.mark.parametrize("method", ["data-parallel", "model-parallel", "pit"])
+def test_one_rank_reproduces_serial_bitwise(serial_ref, scheme, method):
+    res = train(1, [f"train.method={method}", f"model.scheme={scheme}"])
+    assert max_param_diff(res.params, serial_ref[scheme].params) == 0.0
+    np.testing.assert_array_equal(res.history["loss"], serial_ref[scheme].history["loss"])
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+@pytest.mark.parametrize("method", ["data-parallel", "model-parallel"])
+@pytest.mark.parametrize("size", [2, 3])
+def test_exact_methods_match_serial(serial_ref, scheme, method, size):
+    res = train(size, [f"train.method={method}", f"model.scheme={scheme}"])
+    assert max_param_diff(res.params, serial_ref[scheme].params) <= 1e-12
+    np.testing.assert_allclose(res.history["loss"], serial_ref[scheme].history["loss"], atol=1e-12)
+    assert res.attrs["ranks"] == size
+
+
+def test_pit_differs_from_serial_but_has_all_parameters(serial_ref):
+    res = train(2, ["train.method=pit"])
+    ref = serial_ref["verlet"]
+    assert {k: v.shape for k, v in res.params.items()} == {k: v.shape for k, v in ref.params.items()}
+    assert max_param_diff(res.params, ref.params) > 1e-6  # predicted co-states: not the same iterates
+    n_iter = len(res.history["loss"])
+    assert res.history["regression_mse"].shape == (n_iter, 1)
+    assert np.isfinite(res.history["regression_mse"][1:]).all()
+    np.testing.assert_array_equal(res.extra["partition"], [[0, 4], [4, 8]])
+
+
+@pytest.mark.parametrize("overrides", [[], ["coarse.levels=1"], ["coarse.warmup=wait"],
+                                        ["regression.features=state", "model.scheme=euler"]])
+def test_pit_is_deterministic(overrides):
+    a = train(3, ["train.method=pit", "model.layers=12"] + overrides)
+    b = train(3, ["train.method=pit", "model.layers=12"] + overrides)
+    assert max_param_diff(a.params, b.params) == 0.0
+    np.testing.assert_array_equal(a.history["regression_mse"], b.history["regression_mse"])
+
+
+def test_pit_learns_the_swiss_roll():
+    # chance is 50 %; serial reaches ~95 % here.  pit does not yet match serial
+    # (see the issue notes): this checks that it learns, not that it is as good.
+    res = train(2, ["train.method=pit", "train.epochs=60", "model.layers=16",
+                    "coarse.iterations=300"])
+    assert res.history["val_acc"].max() >= 0.8
+
+
+def test_partition_balances_cost_on_the_grid():
+    net = ResNet("euler", 784, 64, 16, 10, T=1.0)
+    costs = layer_costs(net)
+    b = partition(costs, 2, grid=2)
+    assert b[0] == 0 and b[-1] == 16 and all(x % 2 == 0 for x in b)
+    # the opening layer (784*64 per sample) is as costly as ~12 ODE layers: rank 0 gets fewer
+    assert b[1] < 8
+    shares = [costs[x:y].sum() for x, y in zip(b[:-1], b[1:])]
+    assert max(shares) / min(shares) < 1.6
+    np.testing.assert_array_equal(partition(np.ones(8), 4), [0, 2, 4, 6, 8])
+    with pytest.raises(ConfigError, match="cannot be split into 5 blocks"):
+        partition(np.ones(8), 5, grid=2)
+    with pytest.raises(ConfigError, match="not a multiple of coarse.factor"):
+        partition(np.ones(9), 2, grid=2)
+
+
+def test_regression_recovers_affine_map():
+    rng = np.random.default_rng(0)
+    A, c = rng.standard_normal((4, 4)), rng.standard_normal(4)
+    reg = CostateRegression(4, 3, ridge=0.0, forgetting=1.0)
+    for _ in range(5):
+        x = rng.standard_normal((20, 4))
+        reg.add(x, None, (x @ A + c) / 20)
+    xt = rng.standard_normal((7, 4))
+    np.testing.assert_allclose(reg.predict(xt), (xt @ A + c) / 7, atol=1e-10)
+    assert prediction_errors(reg.predict(xt), (xt @ A + c) / 7)[0] < 1e-18
+
+
+def test_regression_forgetting_and_ridge():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 3))
+    old = CostateRegression(3, 2, ridge=0.0, forgetting=0.01)
+    old.add(x, None, (x * 5.0) / 50)
+    old.add(x, None, (x * -1.0) / 50)
+    # forgetting weights the old batch by 0.01: Θ = (0.01·5 − 1) / 1.01
+    np.testing.assert_allclose(old.predict(x) * 50, (0.05 - 1.0) / 1.01 * x, atol=1e-10)
+    keep = CostateRegression(3, 2, ridge=0.0, forgetting=1.0)
+    keep.add(x, None, (x * 5.0) / 50)
+    keep.add(x, None, (x * -1.0) / 50)
+    np.testing.assert_allclose(keep.predict(x) * 50, 2.0 * x, atol=1e-8)  # the average map
+    shrunk = CostateRegression(3, 2, ridge=10.0, forgetting=1.0)
+    shrunk.add(x, None, (x * 5.0) / 50)
+    assert np.linalg.norm(shrunk.theta) < np.linalg.norm(keep.theta)
+    labels = CostateRegression(3, 2, features="state+label")
+    assert labels.features(x, rng.integers(0, 2, 50)).shape == (50, 6)
+
+
+def test_prolongation():
+    c = {"K": np.arange(3.0).reshape(3, 1, 1), "b": np.arange(3.0).reshape(3, 1),
+         "open.K": np.ones((1, 2)), "open.b": np.zeros(1), "cls.W": np.ones((2, 1)), "cls.b": np.zeros(2)}
+    f = prolong(c, 2, "constant")
+    np.testing.assert_array_equal(f["K"].ravel(), [0, 0, 1, 1, 2, 2])
+    f = prolong(c, 2, "linear")
+    np.testing.assert_allclose(f["b"].ravel(), [0, 0.25, 0.75, 1.25, 1.75, 2])
+    np.testing.assert_array_equal(f["open.K"], c["open.K"])
+
+
+def test_emulated_failure_does_not_hang():
+    def body(comm):
+        if comm.rank == 1:
+            raise RuntimeError("boom on rank 1")
+        buf = np.empty(3)
+        comm.recv(buf, 1, 0)  # would wait forever without the abort
+
+    with pytest.raises(RuntimeError, match="boom on rank 1"):
+        run_emulated(2, body, timeout=60)
