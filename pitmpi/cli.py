@@ -112,9 +112,9 @@ def main(argv=None, comm=None):
     """Entry point; returns the exit code.  ``comm`` defaults to COMM_WORLD."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    if not argv or argv[0] not in ("train", "report", "keys", "-h", "--help", "--version"):
+        argv = ["train"] + argv  # the default command
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["train"] + argv)
     if args.command == "keys":
         print(config_mod.describe())
         return 0

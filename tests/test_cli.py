@@ -101,6 +101,12 @@ def test_module_entry_point_help_and_keys():
     assert r.returncode == 0 and "`model.scheme`" in r.stdout
 
 
+def test_train_is_the_default_command(tmp_path):
+    out = tmp_path / "d.h5"
+    assert run_main(["--set", "train.method=serial", "--out", str(out)] + QUICK) == [0]
+    assert out.exists()
+
+
 def test_subprocess_error_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pitmpi", "train", "--set", "model.width=-1",
                         "--out", str(tmp_path / "x.h5")], capture_output=True, text=True, cwd=REPO)
