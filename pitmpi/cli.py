@@ -5,7 +5,6 @@ Exit codes: 0 success, 2 bad input (one-line message, no traceback unless
 whole job (``Abort``) with a message that names the rank.
 """
 import argparse
-import os
 import sys
 import traceback
 
@@ -71,11 +70,9 @@ def collective(comm, fn):
 def prepare(args, comm, log):
     """Resolve the config, load the data and build this rank's trainer."""
     from .parallel.methods import make_trainer
-    overrides = list(args.overrides)
+    cfg = config_mod.load(args.config, args.overrides)
     if args.out:
-        overrides.append(f"output.path={args.out!r}" if "'" not in args.out
-                         else f'output.path="{args.out}"')
-    cfg = config_mod.load(args.config, overrides)
+        cfg["output"]["path"] = args.out
     if args.quiet:
         cfg["output"]["progress"] = False
     if comm.rank == 0:

@@ -303,6 +303,26 @@ class Block:
         return grads
 
 
+def join_blocks(parts):
+    """Full parameters from the local parameters of consecutive blocks.
+
+    Parameters
+    ----------
+    parts : list of dict
+        ``Block.local_params`` of blocks ``[s_0, s_1), [s_1, s_2), ...`` in order.
+
+    Returns
+    -------
+    dict
+        ``K`` and ``b`` concatenated; opening and classifier from the blocks
+        that hold them.
+    """
+    full = {k: v for p in parts for k, v in p.items() if k not in LAYERS}
+    for name in LAYERS:
+        full[name] = np.concatenate([p[name] for p in parts])
+    return full
+
+
 class BlockForward:
     """What a block's forward sweep keeps for its adjoint."""
 

@@ -1,8 +1,6 @@
 """Offline summaries of output files (``python -m pitmpi report``)."""
 import os
 
-import h5py
-
 from .errors import UserError
 from .io import read_result
 
@@ -29,5 +27,3 @@ def summarise(path):
             lines.append(f"  {key}: " + " ".join(f"{v:.2f}" for v in timing[key]))
     return "\n".join(lines)
 
-
-__all__ = ["summarise", "h5py"]

@@ -27,7 +27,7 @@ def max_param_diff(a, b):
 
 @pytest.fixture(scope="module")
 def serial_ref():
-    return {scheme: train(1, [f"train.method=serial", f"model.scheme={scheme}"])
+    return {scheme: train(1, ["train.method=serial", f"model.scheme={scheme}"])
             for scheme in ("euler", "verlet")}
 
 

@@ -7,7 +7,7 @@ gK, gb)`` on a contiguous block of layers.
 from . import euler, verlet
 from .activations import ACTIVATIONS, Activation
 from .layers import (classifier_loss_and_grad, cross_entropy, opening_backward,
-                     opening_forward, scores)
+                     opening_forward, score_stats, scores)
 
 
 def _euler_backward(K, b, h, traj, lam, act, gK, gb):
@@ -28,4 +28,4 @@ SCHEMES = {
 }
 
 __all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "classifier_loss_and_grad",
-           "cross_entropy", "opening_backward", "opening_forward", "scores"]
+           "cross_entropy", "opening_backward", "opening_forward", "score_stats", "scores"]

@@ -66,6 +66,12 @@ def cross_entropy(S, y):
     return losses, P
 
 
+def score_stats(S, y):
+    """``(Σ_i cross-entropy, #correct)`` of scores ``S`` (n, c) for labels ``y`` (n,)."""
+    losses, _ = cross_entropy(S, y)
+    return float(losses.sum()), int(np.count_nonzero(S.argmax(axis=1) == y))
+
+
 def classifier_loss_and_grad(W, mu, Y, y, n_norm):
     """Loss and gradients of the classifier for the last state ``Y``.
 

@@ -7,7 +7,8 @@ parameters are gathered on rank 0 at the end.
 """
 import numpy as np
 
-from ..kernels import cross_entropy
+from ..kernels import score_stats
+from ..model import join_blocks
 from ..optim import SGD
 from .comm import STATE_TAG
 from .partition import describe, layer_costs, partition
@@ -78,22 +79,14 @@ class BlockTrainer(Trainer):
             if self.next is not None:
                 comm.send(np.ascontiguousarray(ctx.output), self.next, STATE_TAG)
             else:
-                S = self.block.scores(self.params, ctx)
-                losses, _ = cross_entropy(S, yi)
-                loss += float(losses.sum())
-                correct += int((S.argmax(axis=1) == yi).sum())
+                l, c = score_stats(self.block.scores(self.params, ctx), yi)
+                loss += l
+                correct += c
         return loss, correct
 
     def gather_params(self):
         parts = self.comm.gather(self.params)
-        if self.comm.rank != 0:
-            return None
-        full = {}
-        for part in parts:
-            full.update({k: v for k, v in part.items() if k not in ("K", "b")})
-        full["K"] = np.concatenate([p["K"] for p in parts])
-        full["b"] = np.concatenate([p["b"] for p in parts])
-        return full
+        return join_blocks(parts) if self.comm.rank == 0 else None
 
     def result_extra(self):
         part = np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)

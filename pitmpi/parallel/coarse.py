@@ -9,6 +9,7 @@ controls are then prolonged to the fine grid.
 """
 import numpy as np
 
+from ..model import join_blocks
 from ..optim import SGD
 from .regression import CostateRegression
 
@@ -119,8 +120,5 @@ def coarse_phase(net, cfg, batches, x_train, y_train, bounds, log=None):
         for blk, p in zip(blocks[:r], local[:r]):
             inp = blk.forward(p, inp, store=False).output
         warm[r] = np.ascontiguousarray(inp)
-    coarse_full = {k: v for p in local for k, v in p.items() if k not in ("K", "b")}
-    coarse_full["K"] = np.concatenate([p["K"] for p in local])
-    coarse_full["b"] = np.concatenate([p["b"] for p in local])
-    fine = prolong(coarse_full, c, co["prolongation"])
+    fine = prolong(join_blocks(local), c, co["prolongation"])
     return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss}

@@ -7,10 +7,17 @@ equal ``serial``'s up to the rounding of the sum.
 """
 import numpy as np
 
+from ..errors import ConfigError
 from ..optim import SGD
 from .methods import register
 from .serial import evaluate_full, full_step
 from .trainer import Trainer
+
+
+def share(n, size, rank):
+    """Rows of ``n`` that ``rank`` of ``size`` takes: a near-equal contiguous slice."""
+    edges = np.linspace(0, n, size + 1).round().astype(int)
+    return slice(edges[rank], edges[rank + 1])
 
 
 class DataParallelTrainer(Trainer):
@@ -18,21 +25,20 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, comm, cfg, data, log=None):
         super().__init__(comm, cfg, data, log)
-        bs, size = self.batches.batch_size, comm.size
-        if bs < size:
-            from ..errors import ConfigError
-            raise ConfigError(f"train.batch_size = {bs} is smaller than the {size} ranks of "
-                              "data-parallel; every rank needs a share of each batch")
-        edges = np.linspace(0, bs, size + 1).round().astype(int)
-        self.rows = slice(edges[comm.rank], edges[comm.rank + 1])
+        bs = self.batches.batch_size
+        if bs < comm.size:
+            raise ConfigError(f"train.batch_size = {bs} is smaller than the {comm.size} ranks "
+                              "of data-parallel; every rank needs a share of each batch")
+        self.rows = share(bs, comm.size, comm.rank)
+        self.val_rows = share(len(self.y_val), comm.size, comm.rank)
         self.block = self.net.full()
         self.params = self.net.init_params(cfg["train"]["seed"])
         self.opt = SGD(self.params, cfg["train"]["momentum"])
-        self.names = list(self.params)
-        self.flat = np.empty(sum(v.size for v in self.params.values()), dtype=self.net.dtype)
-        n_val = len(self.y_val)
-        vedges = np.linspace(0, n_val, size + 1).round().astype(int)
-        self.val_rows = slice(vedges[comm.rank], vedges[comm.rank + 1])
+        # one contiguous buffer for the Allreduce; each gradient has its slice
+        ends = np.cumsum([v.size for v in self.params.values()])
+        self.slots = {name: slice(e - v.size, e)
+                      for (name, v), e in zip(self.params.items(), ends)}
+        self.flat = np.empty(ends[-1], dtype=self.net.dtype)
 
     def step(self, k, epoch):
         idx = self.batches.indices(k)
@@ -40,17 +46,11 @@ class DataParallelTrainer(Trainer):
         idx = idx[self.rows]
         grads, loss, correct = full_step(self.block, self.params, self.x_train[idx],
                                          self.y_train[idx], n_norm=n)
-        offset = 0
-        for name in self.names:
-            g = grads[name]
-            self.flat[offset:offset + g.size] = g.ravel()
-            offset += g.size
+        for name, slot in self.slots.items():
+            self.flat[slot] = grads[name].ravel()
         self.comm.allreduce_sum(self.flat)
-        offset = 0
-        for name in self.names:
-            g = grads[name]
-            g.ravel()[:] = self.flat[offset:offset + g.size]
-            offset += g.size
+        for name, slot in self.slots.items():
+            grads[name].ravel()[:] = self.flat[slot]
         if self.comm.rank == 0:
             loss += self.block.decay(self.params)
         self.block.add_decay_grad(self.params, grads)

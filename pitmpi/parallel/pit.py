@@ -35,8 +35,6 @@ class PitTrainer(BlockTrainer):
     def __init__(self, comm, cfg, data, log=None):
         self.two_level = cfg["coarse"]["levels"] == 2 and comm.size > 1
         super().__init__(comm, cfg, data, log)
-        if self.two_level and comm.rank == 0:
-            self.x_train = np.ascontiguousarray(data.x_train, dtype=self.net.dtype)
         self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
         sw, bs, dt = self.net.state_width, self.batches.batch_size, self.net.dtype
         self.x_in = np.zeros((bs, sw), dtype=dt)
@@ -135,11 +133,9 @@ class PitTrainer(BlockTrainer):
         parts = self.comm.gather((self.mse, self.rel))
         if self.comm.rank != 0:
             return {}
-        n_iter = len(self.mse)
-        bnd = self.comm.size - 1
-        mse = np.stack([parts[r][0] for r in range(bnd)], axis=1) if bnd else np.zeros((n_iter, 0))
-        rel = np.stack([parts[r][1] for r in range(bnd)], axis=1) if bnd else np.zeros((n_iter, 0))
-        return {"regression_mse": mse, "regression_rel": rel}
+        boundaries = parts[:-1]  # the last rank predicts nothing
+        return {name: np.array([p[i] for p in boundaries]).reshape(-1, len(self.mse)).T
+                for i, name in enumerate(("regression_mse", "regression_rel"))}
 
 
 register("pit", PitTrainer)

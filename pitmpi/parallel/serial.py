@@ -1,6 +1,6 @@
 """``serial``: paper Algorithm 3 — forward, backward, update — on one rank."""
 from ..errors import UserError
-from ..kernels import cross_entropy
+from ..kernels import score_stats
 from ..optim import SGD
 from .trainer import Trainer
 
@@ -29,15 +29,10 @@ def evaluate_full(net, params, X, y, chunk=8192):
     for i in range(0, len(y), chunk):
         Xi, yi = X[i:i + chunk], y[i:i + chunk]
         ctx = block.forward(params, Xi, store=False)
-        l, c = _score_stats(block.scores(params, ctx), yi)
+        l, c = score_stats(block.scores(params, ctx), yi)
         loss += l
         correct += c
     return loss, correct
-
-
-def _score_stats(S, y):
-    losses, _ = cross_entropy(S, y)
-    return float(losses.sum()), int((S.argmax(axis=1) == y).sum())
 
 
 class SerialTrainer(Trainer):

@@ -120,12 +120,13 @@ class Trainer:
         self.setup()
         train_wall = time.perf_counter() - start
         samples = 0
-        fail_rank = os.environ.get("PITMPI_FAIL_RANK")  # test hook: this rank raises
+        # test hook: PITMPI_FAIL_RANK=r makes rank r raise at iteration 3
+        fail_at = 3 if os.environ.get("PITMPI_FAIL_RANK") == str(comm.rank) else -1
         for epoch in range(self.epochs):
             t0 = time.perf_counter()
             correct = count = 0
             for k in range(epoch * B, (epoch + 1) * B):
-                if fail_rank == str(comm.rank) and k == 3:
+                if k == fail_at:
                     raise RuntimeError(f"injected failure (PITMPI_FAIL_RANK) at iteration {k}")
                 loss_parts[k], c, n = self.step(k, epoch)
                 correct += c
