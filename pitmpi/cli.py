@@ -11,6 +11,7 @@ import traceback
 from . import __version__
 from . import config as config_mod
 from . import data as data_mod
+from .checkpoint import Checkpoint
 from .errors import UserError
 from .io import check_writable, write_result
 from .logs import setup_logging
@@ -30,9 +31,16 @@ def build_parser():
                        description="Train a network from a TOML config; see "
                                    "'python -m pitmpi keys' for every key.")
     add_train_arguments(t)
-    r = sub.add_parser("report", help="summarise output files",
-                       description="Print a summary of one or more HDF5 output files.")
+    r = sub.add_parser("report", help="summarise, compare and plot output files",
+                       description="One file: a summary.  Several: a comparison table with "
+                                   "speed-up and efficiency against the serial run of the same "
+                                   "dataset and depth among them.")
     r.add_argument("files", nargs="+", metavar="FILE.h5")
+    r.add_argument("--target", type=float, metavar="ACC",
+                   help="also report the training time to reach this validation accuracy "
+                        "(a fraction, e.g. 0.99)")
+    r.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR (needs matplotlib)")
+    r.add_argument("--debug", action="store_true", help="full tracebacks for errors")
     sub.add_parser("keys", help="list every configuration key with default and allowed values",
                    description="List every configuration key with default and allowed values.")
     return p
@@ -44,6 +52,9 @@ def add_train_arguments(t):
     t.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
     t.add_argument("--out", metavar="PATH.h5", help="output file (same as --set output.path=...)")
+    t.add_argument("--resume", metavar="FILE.h5",
+                   help="continue the run saved in FILE.h5 (its config, then --set overrides; "
+                        "raise train.epochs to train longer); writes to FILE.h5 unless --out")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.add_argument("--debug", action="store_true", help="full tracebacks for errors")
 
@@ -70,7 +81,16 @@ def collective(comm, fn):
 def prepare(args, comm, log):
     """Resolve the config, load the data and build this rank's trainer."""
     from .parallel.methods import make_trainer
-    cfg = config_mod.load(args.config, args.overrides)
+    ckpt = None
+    if args.resume:
+        if args.config:
+            raise UserError(f"give either a config file ({args.config}) or --resume "
+                            f"{args.resume}, not both: a resumed run takes its config from the "
+                            "checkpoint, changed only by --set")
+        ckpt = Checkpoint(args.resume)
+        cfg = ckpt.resume_config(args.overrides, args.out)
+    else:
+        cfg = config_mod.load(args.config, args.overrides)
     if args.out:
         cfg["output"]["path"] = args.out
     if args.quiet:
@@ -80,28 +100,47 @@ def prepare(args, comm, log):
     d = cfg["data"]
     data = data_mod.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"])
     trainer = make_trainer(comm, cfg, data, log)
-    return cfg, data, trainer
+    return cfg, data, trainer, ckpt
 
 
 def train(args, comm, log):
-    cfg, data, trainer = collective(comm, lambda: prepare(args, comm, log))
+    cfg, data, trainer, ckpt = collective(comm, lambda: prepare(args, comm, log))
     log.info("pitmpi %s: %s on %d rank(s); %s", __version__, cfg["train"]["method"], comm.size,
              data.summary())
     log.info("network: %r", trainer.net)
-    result = trainer.run()
+    path = cfg["output"]["path"]
+    if ckpt is not None:
+        log.info("resuming %s after epoch %d of %d (%s on %d rank(s) before)", ckpt.path,
+                 ckpt.epochs_done, cfg["train"]["epochs"], ckpt.method, ckpt.ranks)
+
+    def save(result):
+        write_result(path, result, cfg)
+        log.info("checkpoint: wrote %s after epoch %d", path, result.attrs["epochs_done"])
+
+    result = trainer.run(ckpt, save=save)
     if comm.rank == 0:
-        path = cfg["output"]["path"]
         write_result(path, result, cfg)
         h, tm = result.history, result.timing
         log.info("done: val accuracy %.2f%%, train loss %.4f, %.1f s training; wrote %s",
                  100 * h["val_acc"][-1], h["train_loss"][-1], tm["train_wall"], path)
+    comm.barrier()  # the file exists on every rank's return
     return 0
 
 
 def report(args, log):
-    from .report import summarise
-    for path in args.files:
-        print(summarise(path))
+    from .report import compare, summarise
+    if args.target is not None and not 0 < args.target <= 1:
+        raise UserError(f"--target {args.target}: expected a validation accuracy in (0, 1]")
+    if len(args.files) == 1:
+        print(summarise(args.files[0]))
+        if args.target is not None:
+            print(compare(args.files, args.target))
+    else:
+        print(compare(args.files, args.target))
+    if args.plots:
+        from .plots import write_plots
+        for path in write_plots(args.files, args.plots):
+            print(f"wrote {path}")
     return 0
 
 

@@ -99,7 +99,7 @@ SCHEMA = {
         "levels": Key("int", 2, "2: global prediction on a coarse model first; "
                                 "1: single-level (no coarse phase)", choices=(1, 2)),
         "factor": Key("int", 2, "coarsening factor c (coarse model has L / c layers)", minimum=2),
-        "iterations": Key("int", 0, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
+        "iterations": Key("int", 300, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
         "lr": Key("float", 0.0, "coarse learning rate (0: train.lr)", minimum=0.0),
         "prolongation": Key("str", "constant", "coarse-to-fine control transfer",
                             choices=("constant", "linear")),
@@ -114,10 +114,15 @@ SCHEMA = {
                                     "Gram matrix", minimum=0.0),
         "forgetting": Key("float", 0.9, "exponential forgetting factor of the normal equations",
                           minimum=0.0, maximum=1.0, strict_min=True),
+        "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
+                                     "(pairs are always added)", minimum=1),
     },
     "output": {
         "path": Key("str", "results/run.h5", "HDF5 output file"),
         "progress": Key("bool", True, "print a line per epoch on rank 0"),
+        "checkpoint_every": Key("int", 0, "also write the output file (a complete checkpoint) "
+                                          "every k epochs during the run (0: only at the end)",
+                                minimum=0),
     },
 }
 
@@ -183,20 +188,33 @@ def load(path=None, overrides=()):
     dict
         The resolved, checked configuration.
     """
-    cfg = defaults()
+    text = None
     if path is not None:
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
+                text = f.read().decode()
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        merge(cfg, data, path)
-    for text in overrides:
-        section, key, value = parse_override(text)
+    return loads(text, overrides, origin=path)
+
+
+def loads(text=None, overrides=(), origin="config"):
+    """Defaults, then the TOML ``text`` (optional), then ``overrides``."""
+    cfg = defaults()
+    if text is not None:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{origin}: not valid TOML ({e})") from None
+        merge(cfg, data, origin)
+    for item in overrides:
+        section, key, value = parse_override(item)
         merge(cfg, {section: {key: value}}, "--set")
     return cfg
 

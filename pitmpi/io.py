@@ -10,6 +10,10 @@ Layout (one file, written by rank 0, readable with plain h5py)::
     /timing/<name>        train_wall (scalar), rank_compute, rank_comm_wait,
                           rank_regression, coarse_wall (per rank)
     /<extra>              e.g. partition (ranks x 2): layer range per rank
+    /checkpoint/velocity/<name>      optimizer state, same shapes as params
+    /checkpoint/regression/<layer>/  G, H, theta, pairs of the boundary at <layer>
+    /checkpoint/rank/<r>/            rank r's pipeline state (pit), for an
+                                     exact resume on the same number of ranks
 
 Files are written to a temporary name in the target directory and renamed
 into place, so a reader never sees a half-written file under the final name.
@@ -25,7 +29,7 @@ from . import __version__
 from .config import to_toml
 from .errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def check_writable(path):
@@ -63,11 +67,31 @@ def write_result(path, result, cfg):
                     g.create_dataset(name, data=np.asarray(value))
             for name, value in result.extra.items():
                 f.create_dataset(name, data=np.asarray(value))
+            write_tree(f.create_group("checkpoint"), result.checkpoint)
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_tree(group, tree):
+    """Write a nested dict of arrays into an HDF5 group (None values are skipped)."""
+    for name, value in tree.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            write_tree(group.create_group(name), value)
+        else:
+            group.create_dataset(name, data=np.asarray(value))
+
+
+def read_tree(group):
+    """The nested dict of arrays :func:`write_tree` wrote."""
+    return {name: read_tree(item) if isinstance(item, h5py.Group) else item[()]
+            for name, item in group.items()}
 
 
 def read_result(path):

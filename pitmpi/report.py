@@ -1,29 +1,162 @@
-"""Offline summaries of output files (``python -m pitmpi report``)."""
-import os
+"""Offline analysis of output files (``python -m pitmpi report``).
 
+One file: a summary (problem, method, ranks, partition, accuracies, wall
+time, time split per rank).  Several files: a comparison table with the
+speed-up and parallel efficiency of each run against its baseline — the
+``serial`` run of the same dataset and depth among the files, else the
+fastest one-rank run of that dataset and depth — and, with ``--target``, the
+training time until the validation accuracy first reached the target.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import config as config_mod
 from .errors import UserError
 from .io import read_result
 
+TIME_KINDS = (("rank_compute", "compute"), ("rank_comm_wait", "comm wait"),
+              ("rank_regression", "regression"), ("coarse_wall", "coarse phase"))
 
-def summarise(path):
-    """A short text summary of one output file."""
+
+@dataclass
+class Run:
+    """One output file, read for analysis."""
+
+    path: str
+    attrs: dict
+    cfg: dict
+    params: dict
+    history: dict
+    timing: dict
+    extra: dict
+
+    @property
+    def kind(self):
+        """Method and ranks, e.g. ``pit ×2`` or ``pit 1-level ×2``."""
+        one = " 1-level" if self.method == "pit" and self.cfg["coarse"]["levels"] == 1 else ""
+        return f"{self.method}{one} ×{self.ranks}"
+
+    @property
+    def label(self):
+        return f"{self.kind} L={self.layers}"
+
+    @property
+    def method(self):
+        return str(self.attrs.get("method"))
+
+    @property
+    def ranks(self):
+        return int(self.attrs.get("ranks", 1))
+
+    @property
+    def layers(self):
+        return int(self.cfg["model"]["layers"])
+
+    @property
+    def dataset(self):
+        return str(self.attrs.get("dataset"))
+
+    @property
+    def wall(self):
+        return float(self.timing["train_wall"])
+
+    @property
+    def iterations(self):
+        return len(self.history.get("loss", ())) or 1
+
+    def time_to(self, target):
+        """Training seconds until validation accuracy first reached ``target`` (None: never)."""
+        acc = self.history.get("val_acc", np.array([]))
+        hit = np.flatnonzero(acc >= target)
+        return float(self.history["epoch_wall"][hit[0]]) if hit.size else None
+
+
+def load(path):
+    """Read one output file as a :class:`Run`; UserError naming the file if it cannot."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     try:
         attrs, params, hist, timing, extra = read_result(path)
-    except (OSError, KeyError) as e:
+        cfg = config_mod.loads(attrs["config"], origin=f"{path} (config attribute)")
+    except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: not a readable pitmpi output file ({e})") from None
-    lines = [f"{path}: method {attrs.get('method')} on {attrs.get('ranks')} rank(s), "
-             f"dataset {attrs.get('dataset')}"]
-    if "val_acc" in hist and len(hist["val_acc"]):
-        lines.append(f"  epochs {len(hist['val_acc'])}, final val accuracy "
-                     f"{100 * hist['val_acc'][-1]:.2f}%, train loss {hist['train_loss'][-1]:.4f}")
-    if "train_wall" in timing:
-        lines.append(f"  training wall time {float(timing['train_wall']):.2f} s")
-    if "partition" in extra:
-        lines.append("  partition: " + ", ".join(f"[{a},{b})" for a, b in extra["partition"]))
-    for key in ("rank_compute", "rank_comm_wait", "rank_regression", "coarse_wall"):
-        if key in timing:
-            lines.append(f"  {key}: " + " ".join(f"{v:.2f}" for v in timing[key]))
+    if "val_acc" not in hist or "train_wall" not in timing:
+        raise UserError(f"{path}: not a pitmpi output file (no history/val_acc or timing)")
+    return Run(path, attrs, cfg, params, hist, timing, extra)
+
+
+def table(header, rows):
+    """A plain-text table with aligned columns."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                               enumerate(zip(r, widths)))
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def summarise(path):
+    """The text summary of one output file."""
+    run = load(path)
+    h, t, m = run.history, run.timing, run.cfg["model"]
+    lines = [f"{path}",
+             f"  problem   {run.dataset}, {m['scheme']} ResNet, width {m['width']}, "
+             f"{m['layers']} layers, T = {m['T']}, {m['dtype']}",
+             f"  method    {run.method} on {run.ranks} rank(s), "
+             f"{len(h['val_acc'])} epochs, {run.iterations} iterations, "
+             f"{int(run.attrs.get('samples', 0))} samples"]
+    if "partition" in run.extra:
+        lines.append("  partition " + ", ".join(f"[{a},{b})" for a, b in run.extra["partition"]))
+    lines.append(f"  accuracy  train {100 * h['train_acc'][-1]:.2f}%, validation "
+                 f"{100 * h['val_acc'][-1]:.2f}% (best {100 * h['val_acc'].max():.2f}%), "
+                 f"final train loss {h['train_loss'][-1]:.4f}")
+    lines.append(f"  wall time {run.wall:.2f} s training, "
+                 f"{1e3 * run.wall / run.iterations:.3f} ms per iteration")
+    rows = []
+    for r in range(run.ranks):
+        rows.append([f"rank {r}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"
+                                     for k, _ in TIME_KINDS])
+    lines.append("  seconds per rank:")
+    lines.extend("    " + s for s in table([""] + [n for _, n in TIME_KINDS], rows).splitlines())
+    if "regression_rel" in h and h["regression_rel"].size:
+        tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]
+        lines.append("  regression ‖Λ̂−Λ‖/‖Λ̂‖ over the last 100 iterations, per boundary: "
+                     + " ".join(f"{v:.3f}" for v in np.nanmean(tail, axis=0)))
     return "\n".join(lines)
 
+
+def baseline_of(run, runs):
+    """The run ``run`` is compared with: serial of the same problem, else the fastest 1-rank run."""
+    same = [r for r in runs if r.dataset == run.dataset and r.layers == run.layers
+            and r.ranks == 1]
+    serial = [r for r in same if r.method == "serial"]
+    pool = serial or same
+    return min(pool, key=lambda r: r.wall) if pool else None
+
+
+def compare(paths, target=None):
+    """The comparison table of several output files."""
+    runs = [load(p) for p in paths]
+    header = ["file", "method", "ranks", "layers", "val %", "best %", "wall s", "ms/iter",
+              "speed-up", "efficiency"]
+    if target is not None:
+        header += [f"t({100 * target:g}%) s", "speed-up"]
+    rows = []
+    for run in runs:
+        base = baseline_of(run, runs)
+        su = base.wall / run.wall if base else None
+        per_iter = 1e3 * run.wall / run.iterations
+        row = [os.path.basename(run.path), run.kind.split(" ×")[0], run.ranks, run.layers,
+               f"{100 * run.history['val_acc'][-1]:.2f}", f"{100 * run.history['val_acc'].max():.2f}",
+               f"{run.wall:.2f}", f"{per_iter:.3f}",
+               f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-"]
+        if target is not None:
+            t = run.time_to(target)
+            tb = base.time_to(target) if base else None
+            row += [f"{t:.2f}" if t is not None else "never",
+                    f"{tb / t:.2f}" if t and tb else "-"]
+        rows.append(row)
+    note = ("speed-up = baseline wall / wall, against the serial run of the same dataset and "
+            "depth (else the fastest 1-rank run); efficiency = speed-up / ranks")
+    return table(header, rows) + "\n" + note

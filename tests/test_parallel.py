@@ -105,6 +105,22 @@ def test_regression_recovers_affine_map():
     assert prediction_errors(reg.predict(xt), (xt @ A + c) / 7)[0] < 1e-18
 
 
+def test_per_class_regression_recovers_one_map_per_class():
+    rng = np.random.default_rng(2)
+    maps = [(rng.standard_normal((3, 3)), rng.standard_normal(3)) for _ in range(3)]
+    reg = CostateRegression(3, 3, features="per-class", ridge=0.0, forgetting=0.5)
+    for _ in range(4):
+        x, y = rng.standard_normal((40, 3)), rng.integers(0, 3, 40)
+        lam = np.stack([x[i] @ maps[y[i]][0] + maps[y[i]][1] for i in range(40)]) / 40
+        reg.add(x, y, lam)
+    xt, yt = rng.standard_normal((9, 3)), rng.integers(0, 3, 9)
+    want = np.stack([xt[i] @ maps[yt[i]][0] + maps[yt[i]][1] for i in range(9)]) / 9
+    np.testing.assert_allclose(reg.predict(xt, yt), want, atol=1e-10)
+    again = CostateRegression(3, 3, features="per-class")
+    again.load_state(reg.state())
+    np.testing.assert_array_equal(again.predict(xt, yt), reg.predict(xt, yt))
+
+
 def test_regression_forgetting_and_ridge():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((50, 3))

@@ -38,14 +38,21 @@ class BlockTrainer(Trainer):
     def grid_for(self, cfg):
         return 1
 
-    def init_block(self, full_params):
-        """Take this rank's share of ``full_params`` and make its optimizer."""
-        self.use_local_params(self.block.local_params(full_params))
+    def local_copy(self, full):
+        return self.block.local_params(full)
+
+    def gather_full(self, local):
+        parts = self.comm.gather(local)
+        return join_blocks(parts) if self.comm.rank == 0 else None
 
     def use_local_params(self, params):
         """Start from this block's own parameters, with a fresh optimizer."""
         self.params = params
         self.opt = SGD(self.params, self.cfg["train"]["momentum"])
+
+    def resume(self, ckpt):
+        self.log_partition()
+        super().resume(ckpt)
 
     def log_partition(self):
         for line in describe(self.bounds, self.costs):
@@ -83,10 +90,6 @@ class BlockTrainer(Trainer):
                 loss += l
                 correct += c
         return loss, correct
-
-    def gather_params(self):
-        parts = self.comm.gather(self.params)
-        return join_blocks(parts) if self.comm.rank == 0 else None
 
     def result_extra(self):
         part = np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)

@@ -7,6 +7,7 @@ same message semantics, so that "N emulated blocks == N MPI ranks" is
 testable without ``mpirun``.  Both count the seconds spent inside
 communication calls (``wait_seconds``).
 """
+import copy
 import queue
 import threading
 import time
@@ -191,7 +192,8 @@ class ThreadComm(Comm):
         w.sync()
         w.slots[self.rank] = obj
         w.sync()
-        out = list(w.slots)
+        # a deep copy, as a message would be: no rank shares live arrays with another
+        out = copy.deepcopy(w.slots)
         w.sync()
         return out
 

@@ -8,7 +8,6 @@ equal ``serial``'s up to the rounding of the sum.
 import numpy as np
 
 from ..errors import ConfigError
-from ..optim import SGD
 from .methods import register
 from .serial import evaluate_full, full_step
 from .trainer import Trainer
@@ -32,8 +31,7 @@ class DataParallelTrainer(Trainer):
         self.rows = share(bs, comm.size, comm.rank)
         self.val_rows = share(len(self.y_val), comm.size, comm.rank)
         self.block = self.net.full()
-        self.params = self.net.init_params(cfg["train"]["seed"])
-        self.opt = SGD(self.params, cfg["train"]["momentum"])
+        self.start(self.net.init_params(cfg["train"]["seed"]))
         # one contiguous buffer for the Allreduce; each gradient has its slice
         ends = np.cumsum([v.size for v in self.params.values()])
         self.slots = {name: slice(e - v.size, e)
@@ -59,9 +57,6 @@ class DataParallelTrainer(Trainer):
 
     def evaluate(self, X, y):
         return evaluate_full(self.net, self.params, X[self.val_rows], y[self.val_rows])
-
-    def gather_params(self):
-        return self.params if self.comm.rank == 0 else None
 
 
 register("data-parallel", DataParallelTrainer)

@@ -23,7 +23,7 @@ class ModelParallelTrainer(BlockTrainer):
 
     def setup(self):
         self.log_partition()
-        self.init_block(self.net.init_params(self.cfg["train"]["seed"]))
+        self.start(self.net.init_params(self.cfg["train"]["seed"]))
 
     def step(self, k, epoch):
         comm, blk = self.comm, self.block

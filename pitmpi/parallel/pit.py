@@ -50,6 +50,9 @@ class PitTrainer(BlockTrainer):
         self.mse = np.full(n_iter, np.nan)
         self.rel = np.full(n_iter, np.nan)
         self.warm_state = None
+        self.arrived = 0  # co-states received so far
+        self.pipeline_start = 0  # iteration at which rank 0 fed the pipeline's first batch
+        self.refit_every = rg["refit_every"]
 
     def grid_for(self, cfg):
         return cfg["coarse"]["factor"] if self.two_level else 1
@@ -61,7 +64,7 @@ class PitTrainer(BlockTrainer):
             if comm.size == 1:
                 self.log.info("pit on one rank: no block boundaries, so no coarse phase; "
                               "this is the serial algorithm")
-            self.init_block(self.net.init_params(self.cfg["train"]["seed"]))
+            self.start(self.net.init_params(self.cfg["train"]["seed"]))
             return
         payload = None
         if comm.rank == 0:
@@ -85,7 +88,7 @@ class PitTrainer(BlockTrainer):
 
     def active(self, rank, k):
         """Whether ``rank`` computes at iteration ``k`` (False only while waiting)."""
-        return k >= rank or self.warmup == "coarse"
+        return k - self.pipeline_start >= rank or self.warmup == "coarse"
 
     def step(self, k, epoch):
         comm, blk, r = self.comm, self.block, self.comm.rank
@@ -97,7 +100,7 @@ class PitTrainer(BlockTrainer):
         if self.active(r, k):
             if blk.first:
                 inp = self.features(g)
-            elif k > 0 and self.active(r - 1, k - 1):
+            elif k > self.pipeline_start and self.active(r - 1, k - 1):
                 inp = self.x_in
             else:
                 inp = self.warm_state
@@ -124,18 +127,71 @@ class PitTrainer(BlockTrainer):
                 t = time.perf_counter()
                 xs, ys, lam_hat_s = self.sent
                 self.mse[k], self.rel[k] = prediction_errors(lam_hat_s, self.lam_right)
-                self.reg.add(xs, ys, self.lam_right)
+                self.arrived += 1
+                self.reg.add(xs, ys, self.lam_right, refit=self.arrived % self.refit_every == 0)
                 self.seconds["regression"] += time.perf_counter() - t
             self.sent = (x_out, y, lam_hat) if x_out is not None else None
         return loss, correct, count
 
-    def gather_extra_history(self):
-        parts = self.comm.gather((self.mse, self.rel))
+    def gather_extra_history(self, k_done):
+        parts = self.comm.gather((self.mse[:k_done], self.rel[:k_done]))
         if self.comm.rank != 0:
             return {}
         boundaries = parts[:-1]  # the last rank predicts nothing
-        return {name: np.array([p[i] for p in boundaries]).reshape(-1, len(self.mse)).T
+        return {name: np.array([p[i] for p in boundaries]).reshape(-1, k_done).T
                 for i, name in enumerate(("regression_mse", "regression_rel"))}
+
+    # checkpoints ----------------------------------------------------------
+    def method_state(self):
+        state = {"arrived": np.int64(self.arrived), "pipeline_start": np.int64(self.pipeline_start)}
+        if self.prev is not None:
+            state["x_in"] = self.x_in.copy()
+        if self.sent is not None:
+            state["sent_x"], sent_y, state["sent_lam_hat"] = self.sent
+            if sent_y is not None:
+                state["sent_y"] = sent_y
+        if self.warm_state is not None:
+            state["warm_state"] = self.warm_state
+        return state
+
+    def regression_states(self):
+        if self.reg is None:
+            return {}
+        return {int(self.bounds[self.comm.rank + 1]): self.reg.state()}
+
+    def resume(self, ckpt):
+        """Exact continuation with the same number of ranks; otherwise the
+        regression of each boundary that existed before is kept, a new
+        boundary's starts from zero, and the pipeline refills (rank r waits
+        r iterations, as with ``coarse.warmup = "wait"``)."""
+        super().resume(ckpt)
+        r, k0 = self.comm.rank, ckpt.epochs_done * self.batches.per_epoch
+        if self.reg is not None:
+            where = int(self.bounds[r + 1])
+            state = ckpt.regression.get(where)
+            try:
+                if state is None:
+                    raise ValueError("there was no block boundary here before")
+                self.reg.load_state(state)
+            except ValueError as e:
+                self.log.warning("boundary at layer %d: regression starts from zero (%s)", where, e)
+        if self.exact_resume:
+            st = ckpt.rank_state(r)
+            self.arrived = int(st["arrived"])
+            self.pipeline_start = int(st["pipeline_start"])
+            if self.prev is not None:
+                np.copyto(self.x_in, st["x_in"])
+            if "sent_x" in st:
+                self.sent = (st["sent_x"], st.get("sent_y"), st["sent_lam_hat"])
+            self.warm_state = st.get("warm_state")
+            if self.reg is not None:
+                for name, arr in (("regression_mse", self.mse), ("regression_rel", self.rel)):
+                    arr[:k0] = ckpt.history[name][:k0, r]
+        else:
+            self.pipeline_start, self.warmup = k0, "wait"
+            self.log.info("pit resumed from %s (%s on %d ranks) on %d ranks: parameters and "
+                          "optimizer carried over; the pipeline refills, rank r waiting r "
+                          "iterations", ckpt.path, ckpt.method, ckpt.ranks, self.comm.size)
 
 
 register("pit", PitTrainer)

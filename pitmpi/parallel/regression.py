@@ -9,7 +9,7 @@ forgetting ``G ← γG + ΦᵀΦ``, so an update costs ``O(n f²)`` and a refit
 ``O(f³)`` (Cholesky).  A batch's co-state is predicted as ``Λ̂ = φ(X) Θ / n``.
 """
 import numpy as np
-import scipy.linalg
+import scipy.linalg.lapack
 
 
 FEATURES = ("state", "state+label", "per-class")
@@ -18,6 +18,11 @@ FEATURES = ("state", "state+label", "per-class")
 class CostateRegression:
     """Ridge regression of per-sample co-states on states, with forgetting.
 
+    ``per-class`` keeps one independent affine map per class: its normal
+    equations are block diagonal, so each class is solved on its own
+    (``c`` Cholesky factorisations of size ``sw + 1`` instead of one of size
+    ``c (sw + 1)``).
+
     Parameters
     ----------
     state_width : int
@@ -25,9 +30,15 @@ class CostateRegression:
     n_classes : int
     features : {"state", "state+label", "per-class"}
     ridge : float
-        Ridge weight relative to the mean diagonal of ``G``.
+        Ridge weight relative to the mean diagonal of each group's ``G``.
     forgetting : float
         ``γ`` in (0, 1]; 1 keeps every pair with equal weight.
+
+    Attributes
+    ----------
+    G : ndarray, shape (groups, f, f)
+    H, theta : ndarray, shape (groups, f, sw)
+        ``groups`` is ``n_classes`` for ``per-class`` and 1 otherwise.
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9):
@@ -37,73 +48,106 @@ class CostateRegression:
         self.kind = features
         self.use_labels = features != "state"
         self.ridge, self.forgetting = float(ridge), float(forgetting)
-        f = self.n_features
-        self.G = np.zeros((f, f))
-        self.H = np.zeros((f, self.state_width))
-        self.theta = np.zeros((f, self.state_width))
+        self.groups = self.n_classes if features == "per-class" else 1
+        f, sw = self.n_features, self.state_width
+        self.G = np.zeros((self.groups, f, f))
+        self.H = np.zeros((self.groups, f, sw))
+        self.theta = np.zeros((self.groups, f, sw))
         self.pairs = 0
 
     @property
     def n_features(self):
-        sw, c = self.state_width, self.n_classes
-        return {"state": sw + 1, "state+label": sw + 1 + c, "per-class": c * (sw + 1)}[self.kind]
+        """Features per group: ``sw + 1`` (``+ c`` with ``state+label``)."""
+        return self.state_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
 
     def features(self, x, y=None):
-        """``φ(x)``, shape (n, f)."""
+        """``φ(x)`` of each sample within its group, shape (n, f)."""
         n = x.shape[0]
-        if self.kind == "per-class":
-            phi = np.zeros((n, self.n_classes, self.state_width + 1))
-            rows = np.arange(n)
-            phi[rows, y, :-1] = x
-            phi[rows, y, -1] = 1.0
-            return phi.reshape(n, -1)
-        cols = [np.asarray(x, dtype=np.float64)]
-        if self.use_labels:
-            onehot = np.zeros((n, self.n_classes))
-            onehot[np.arange(n), y] = 1.0
-            cols.append(onehot)
-        cols.append(np.ones((n, 1)))
-        return np.hstack(cols)
+        phi = np.empty((n, self.n_features))
+        phi[:, :self.state_width] = x
+        phi[:, -1] = 1.0
+        if self.kind == "state+label":
+            phi[:, self.state_width:-1] = 0.0
+            phi[np.arange(n), self.state_width + np.asarray(y)] = 1.0
+        return phi
+
+    def _segments(self, y, n):
+        """``(order, [(group, slice)])``: rows sorted by group, one slice each."""
+        if self.groups == 1:
+            return None, [(0, slice(0, n))]
+        order = np.argsort(y, kind="stable")
+        ends = np.cumsum(np.bincount(y, minlength=self.groups))
+        starts = ends - np.bincount(y, minlength=self.groups)
+        return order, [(g, slice(a, b)) for g, (a, b) in enumerate(zip(starts, ends)) if b > a]
 
     def add(self, x, y, lam, refit=True):
         """Add the batch's pairs: states ``x`` (n, sw), labels ``y`` (n,) and
         batch co-states ``lam`` (n, sw) (scaled to ``p = n Λ`` here)."""
+        n = x.shape[0]
         phi = self.features(x, y)
-        p = lam * x.shape[0]
+        p = lam * n
+        order, segments = self._segments(y, n)
+        if order is not None:
+            phi, p = phi[order], p[order]
         self.G *= self.forgetting
-        self.G += phi.T @ phi
         self.H *= self.forgetting
-        self.H += phi.T @ p
-        self.pairs += x.shape[0]
+        for g, rows in segments:
+            self.G[g] += phi[rows].T @ phi[rows]
+            self.H[g] += phi[rows].T @ p[rows]
+        self.pairs += n
         if refit:
             self.refit()
 
     def refit(self):
-        """Solve ``(G + ρ I) Θ = H`` with ``ρ = ridge · mean(diag G)``."""
-        if self.pairs == 0:
-            return self.theta
-        A = self.G.copy()
-        A[np.diag_indices_from(A)] += self.ridge * np.trace(self.G) / len(A)
-        try:
-            self.theta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, check_finite=False),
-                                                self.H, check_finite=False)
-        except np.linalg.LinAlgError:  # singular without ridge: least-squares solution
-            self.theta = scipy.linalg.lstsq(A, self.H, check_finite=False)[0]
+        """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK
+        ``posv``), ``ρ_g = ridge · mean(diag G_g)``; a group without pairs
+        gets ``Θ_g = 0``."""
+        f = self.n_features
+        for g in range(self.groups):
+            scale = np.trace(self.G[g]) / f
+            if scale <= 0:
+                self.theta[g] = 0.0
+                continue
+            A = self.G[g].copy()
+            A.flat[::f + 1] += self.ridge * scale
+            _, theta, info = scipy.linalg.lapack.dposv(A, self.H[g], overwrite_a=True)
+            if info != 0:  # not positive definite (no ridge): least-squares solution
+                theta = np.linalg.lstsq(self.G[g], self.H[g], rcond=None)[0]
+            self.theta[g] = theta
         return self.theta
 
     def predict(self, x, y=None):
         """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw)."""
-        lam = self.features(x, y) @ self.theta
-        lam /= x.shape[0]
+        n = x.shape[0]
+        phi = self.features(x, y)
+        order, segments = self._segments(y, n)
+        if order is not None:
+            phi = phi[order]
+        lam = np.empty((n, self.state_width))
+        for g, rows in segments:
+            np.matmul(phi[rows], self.theta[g], out=lam[rows])
+        if order is not None:
+            lam[order] = lam.copy()
+        lam /= n
         return lam.astype(x.dtype, copy=False)
 
     def state(self):
-        """``(G, H, pairs)``: enough to continue elsewhere (seeding, checkpoints)."""
-        return self.G.copy(), self.H.copy(), self.pairs
+        """``{"G", "H", "theta", "pairs"}``: enough to continue elsewhere
+        (seeding the fine run, checkpoints)."""
+        return {"G": self.G.copy(), "H": self.H.copy(), "theta": self.theta.copy(),
+                "pairs": np.int64(self.pairs)}
 
     def load_state(self, state):
-        self.G, self.H, self.pairs = state[0].copy(), state[1].copy(), int(state[2])
-        self.refit()
+        """Continue from :meth:`state` (``theta`` is refitted if absent)."""
+        if state["G"].shape != self.G.shape or state["H"].shape != self.H.shape:
+            raise ValueError(f"regression state of shape {state['G'].shape} does not fit "
+                             f"this boundary's {self.G.shape}")
+        self.G, self.H = np.array(state["G"], dtype=float), np.array(state["H"], dtype=float)
+        self.pairs = int(state["pairs"])
+        if "theta" in state:
+            self.theta = np.array(state["theta"], dtype=float)
+        else:
+            self.refit()
 
 
 def prediction_errors(lam_hat, lam):

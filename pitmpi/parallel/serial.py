@@ -1,7 +1,6 @@
 """``serial``: paper Algorithm 3 — forward, backward, update — on one rank."""
 from ..errors import UserError
 from ..kernels import score_stats
-from ..optim import SGD
 from .trainer import Trainer
 
 
@@ -47,8 +46,7 @@ class SerialTrainer(Trainer):
                             "'data-parallel', 'model-parallel' or 'pit'")
         super().__init__(comm, cfg, data, log)
         self.block = self.net.full()
-        self.params = self.net.init_params(cfg["train"]["seed"])
-        self.opt = SGD(self.params, cfg["train"]["momentum"])
+        self.start(self.net.init_params(cfg["train"]["seed"]))
 
     def step(self, k, epoch):
         X, y = self.batch(k)
@@ -60,6 +58,3 @@ class SerialTrainer(Trainer):
 
     def evaluate(self, X, y):
         return evaluate_full(self.net, self.params, X, y)
-
-    def gather_params(self):
-        return self.params

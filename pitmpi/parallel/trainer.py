@@ -15,7 +15,10 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model import ResNet
-from ..optim import BatchSchedule, Schedule
+from ..optim import SGD, BatchSchedule, Schedule
+
+EPOCH_HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_wall")
+RANK_TIMES = ("compute", "comm_wait", "regression", "coarse")
 
 
 @dataclass
@@ -34,6 +37,10 @@ class Result:
         ``method``, ``ranks``, ``dataset`` and the like.
     extra : dict of str to ndarray
         Further datasets at the file's root (e.g. ``partition``).
+    checkpoint : dict
+        What a resumed run needs beyond the above (see :mod:`pitmpi.checkpoint`):
+        ``velocity`` (full optimizer state), ``regression`` (per boundary
+        layer), ``rank`` (per-rank method state, for an exact resume).
     """
 
     params: dict
@@ -41,6 +48,7 @@ class Result:
     timing: dict
     attrs: dict
     extra: dict = field(default_factory=dict)
+    checkpoint: dict = field(default_factory=dict)
 
 
 def build_network(cfg, data):
@@ -80,6 +88,7 @@ class Trainer:
         self.x_val = np.ascontiguousarray(data.x_val, dtype=self.net.dtype)
         self.y_val = data.y_val
         self.seconds = {"compute": 0.0, "regression": 0.0, "coarse": 0.0}
+        self.exact_resume = False
         self.extra_history = {}
 
     # hooks ------------------------------------------------------------
@@ -94,83 +103,171 @@ class Trainer:
         """This rank's share of ``(Σ cross-entropy, #correct)`` over ``X``."""
         raise NotImplementedError
 
+    def local_copy(self, full):
+        """This rank's share of a full parameter-shaped dict (a copy)."""
+        return {k: np.array(v, dtype=self.net.dtype) for k, v in full.items()}
+
+    def gather_full(self, local):
+        """The full dict on rank 0 (None elsewhere) from each rank's share."""
+        return local if self.comm.rank == 0 else None
+
+    def start(self, params, velocity=None):
+        """Take this rank's share of full ``params`` (and optimizer ``velocity``)."""
+        self.params = self.local_copy(params)
+        self.opt = SGD(self.params, self.cfg["train"]["momentum"])
+        if velocity is not None:
+            self.opt.velocity = self.local_copy(velocity)
+
     def gather_params(self):
         """Full parameter dict on rank 0 (None elsewhere)."""
-        raise NotImplementedError
+        return self.gather_full(self.params)
+
+    def method_state(self):
+        """This rank's method state beyond parameters and optimizer: a dict of arrays."""
+        return {}
+
+    def regression_states(self):
+        """``{boundary layer: regression state}`` known to this rank."""
+        return {}
+
+    def resume(self, ckpt):
+        """Continue from a :class:`~pitmpi.checkpoint.Checkpoint` instead of ``setup``."""
+        self.start(ckpt.params, ckpt.velocity)
 
     def result_extra(self):
         """Method-specific root datasets and attributes: ``(extra, attrs)``."""
         return {}, {}
+
+    def gather_extra_history(self, k_done):
+        """Method-specific per-iteration histories of the first ``k_done``
+        iterations, assembled on rank 0."""
+        return {}
 
     # driver -------------------------------------------------------------
     def batch(self, k):
         idx = self.batches.indices(k)
         return self.x_train[idx], self.y_train[idx]
 
-    def run(self):
-        """Train for ``train.epochs`` epochs; returns a :class:`Result` on rank 0."""
+    def run(self, ckpt=None, save=None):
+        """Train up to ``train.epochs`` epochs; returns a :class:`Result` on rank 0.
+
+        Parameters
+        ----------
+        ckpt : Checkpoint, optional
+            Continue from it (its epochs are not repeated).
+        save : callable, optional
+            Called on rank 0 with the :class:`Result` so far every
+            ``output.checkpoint_every`` epochs (not after the last epoch).
+        """
         comm = self.comm
         B = self.batches.per_epoch
         n_iter = self.epochs * B
-        loss_parts = np.zeros(n_iter)
-        hist = {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_wall")}
+        self.loss_parts = np.zeros(n_iter)
+        self.hist = {k: [] for k in EPOCH_HISTORY}
+        self.samples, first = 0, 0
+        self.before = dict.fromkeys(RANK_TIMES, 0.0)  # per-rank seconds of earlier runs
+        self.wall_before = ckpt.train_wall if ckpt is not None else 0.0
         comm.barrier()
         comm.wait_seconds = 0.0
         start = time.perf_counter()
-        self.setup()
-        train_wall = time.perf_counter() - start
-        samples = 0
-        # test hook: PITMPI_FAIL_RANK=r makes rank r raise at iteration 3
-        fail_at = 3 if os.environ.get("PITMPI_FAIL_RANK") == str(comm.rank) else -1
-        for epoch in range(self.epochs):
+        if ckpt is None:
+            self.setup()
+        else:
+            first = self.restore(ckpt)
+        self.session_wall = time.perf_counter() - start
+        every = self.cfg["output"]["checkpoint_every"]
+        fail_at = self.injected_failure(first * B + 3)
+        for epoch in range(first, self.epochs):
             t0 = time.perf_counter()
             correct = count = 0
             for k in range(epoch * B, (epoch + 1) * B):
                 if k == fail_at:
                     raise RuntimeError(f"injected failure (PITMPI_FAIL_RANK) at iteration {k}")
-                loss_parts[k], c, n = self.step(k, epoch)
+                self.loss_parts[k], c, n = self.step(k, epoch)
                 correct += c
                 count += n
             epoch_seconds = time.perf_counter() - t0
-            train_wall += epoch_seconds
-            samples += B * self.batches.batch_size
-            val_loss, val_correct = self.evaluate(self.x_val, self.y_val)
-            parts = comm.gather((loss_parts[epoch * B:(epoch + 1) * B].sum(), correct, count,
-                                 val_loss, val_correct))
-            if comm.rank == 0:
-                tot = np.sum(np.array(parts, dtype=float), axis=0)
-                hist["train_loss"].append(tot[0] / B)
-                hist["train_acc"].append(tot[1] / max(tot[2], 1))
-                hist["val_loss"].append(tot[3] / len(self.y_val))
-                hist["val_acc"].append(tot[4] / len(self.y_val))
-                hist["epoch_wall"].append(train_wall)
-                if self.cfg["output"]["progress"]:
-                    left = (self.epochs - epoch - 1) * epoch_seconds
-                    self.log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  "
-                                  "%.0f samples/s  ETA %.0fs", epoch + 1, self.epochs,
-                                  hist["train_loss"][-1], 100 * hist["train_acc"][-1],
-                                  100 * hist["val_acc"][-1],
-                                  B * self.batches.batch_size / max(epoch_seconds, 1e-12), left)
-        comm_wait = comm.wait_seconds
-        per_iter = comm.gather(loss_parts)
+            self.session_wall += epoch_seconds
+            self.samples += B * self.batches.batch_size
+            self.record_epoch(epoch, correct, count, epoch_seconds)
+            if every and (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
+                result = self.snapshot(epoch + 1)
+                if comm.rank == 0 and save is not None:
+                    save(result)
+        return self.snapshot(self.epochs)
+
+    def injected_failure(self, default):
+        """Test hook: with ``PITMPI_FAIL_RANK=r`` rank r raises at iteration
+        ``PITMPI_FAIL_AT`` (default: 3 iterations into this run); -1: never."""
+        if os.environ.get("PITMPI_FAIL_RANK") != str(self.comm.rank):
+            return -1
+        return int(os.environ.get("PITMPI_FAIL_AT", default))
+
+    def restore(self, ckpt):
+        """Load a checkpoint's state and history; returns the first epoch to run."""
+        B = self.batches.per_epoch
+        first = ckpt.epochs_done
+        k0 = first * B
+        if self.comm.rank == 0:
+            self.loss_parts[:k0] = ckpt.history["loss"][:k0]
+        for k in EPOCH_HISTORY:
+            self.hist[k] = list(ckpt.history[k][:first])
+        self.samples = ckpt.samples
+        self.exact_resume = ckpt.exact(self.method, self.comm.size, self.result_extra()[0].get("partition"))
+        if self.exact_resume:
+            self.before = ckpt.rank_times(self.comm.rank)
+        self.resume(ckpt)
+        return first
+
+    def record_epoch(self, epoch, correct, count, epoch_seconds):
+        """Validate, gather this epoch's figures to rank 0 and print them."""
+        comm, B, hist = self.comm, self.batches.per_epoch, self.hist
+        val_loss, val_correct = self.evaluate(self.x_val, self.y_val)
+        parts = comm.gather((self.loss_parts[epoch * B:(epoch + 1) * B].sum(), correct, count,
+                             val_loss, val_correct))
+        if comm.rank != 0:
+            return
+        tot = np.sum(np.array(parts, dtype=float), axis=0)
+        hist["train_loss"].append(tot[0] / B)
+        hist["train_acc"].append(tot[1] / max(tot[2], 1))
+        hist["val_loss"].append(tot[3] / len(self.y_val))
+        hist["val_acc"].append(tot[4] / len(self.y_val))
+        hist["epoch_wall"].append(self.wall_before + self.session_wall)
+        if self.cfg["output"]["progress"]:
+            left = (self.epochs - epoch - 1) * epoch_seconds
+            self.log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  "
+                          "%.0f samples/s  ETA %.0fs", epoch + 1, self.epochs,
+                          hist["train_loss"][-1], 100 * hist["train_acc"][-1],
+                          100 * hist["val_acc"][-1],
+                          B * self.batches.batch_size / max(epoch_seconds, 1e-12), left)
+
+    def snapshot(self, epochs_done):
+        """Collective: the run so far as a :class:`Result` (a complete checkpoint) on rank 0."""
+        comm = self.comm
+        k_done = epochs_done * self.batches.per_epoch
+        per_iter = comm.gather(self.loss_parts[:k_done])
         params = self.gather_params()
-        compute = max(train_wall - comm_wait - self.seconds["regression"] - self.seconds["coarse"], 0.0)
-        rank_times = comm.gather((compute, comm_wait, self.seconds["regression"],
-                                  self.seconds["coarse"]))
+        velocity = self.gather_full(self.opt.velocity)
+        now = {"comm_wait": comm.wait_seconds, "regression": self.seconds["regression"],
+               "coarse": self.seconds["coarse"]}
+        now["compute"] = max(self.session_wall - sum(now.values()), 0.0)
+        rank_times = comm.gather(tuple(self.before[k] + now[k] for k in RANK_TIMES))
+        states = comm.gather(self.method_state())
+        regs = comm.gather(self.regression_states())
         extra, attrs = self.result_extra()
-        extra_hist = self.gather_extra_history()
+        extra_hist = self.gather_extra_history(k_done)
         if comm.rank != 0:
             return None
-        history = {k: np.array(v) for k, v in hist.items()}
+        history = {k: np.array(v[:epochs_done]) for k, v in self.hist.items()}
         history["loss"] = np.sum(per_iter, axis=0)
         history.update(extra_hist)
         rt = np.array(rank_times)
-        timing = {"train_wall": train_wall, "rank_compute": rt[:, 0], "rank_comm_wait": rt[:, 1],
-                  "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3]}
+        timing = {"train_wall": self.wall_before + self.session_wall, "rank_compute": rt[:, 0],
+                  "rank_comm_wait": rt[:, 1], "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3]}
         attrs = {"method": self.method, "ranks": comm.size, "dataset": self.data.name,
-                 "samples": samples, **attrs}
-        return Result(params, history, timing, attrs, extra)
-
-    def gather_extra_history(self):
-        """Method-specific per-iteration histories, assembled on rank 0."""
-        return {}
+                 "samples": self.samples, "epochs_done": epochs_done,
+                 "iterations_done": k_done, **attrs}
+        ckpt = {"velocity": velocity,
+                "regression": {str(b): st for r in regs for b, st in r.items()},
+                "rank": {str(r): st for r, st in enumerate(states)}}
+        return Result(params, history, timing, attrs, extra, ckpt)

@@ -3,8 +3,10 @@
 Each test works at any size, so CTest runs this file at 1, 2 and 3 ranks.
 """
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -88,3 +90,22 @@ def test_failing_rank_ends_job(tmp_path_factory):
     assert r.returncode != 0
     assert "rank 1 of 2 failed" in r.stderr
     assert not os.path.exists(out)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("method", ["data-parallel", "model-parallel", "pit"])
+def test_resume_is_bitwise_identical_under_mpi(method):
+    from pitmpi.cli import main
+    from ..test_checkpoint import assert_same_run
+    comm = world()
+    folder = comm.bcast(tempfile.mkdtemp(prefix="pitmpi-resume-") if comm.rank == 0 else None)
+    full, part = os.path.join(folder, "full.h5"), os.path.join(folder, "part.h5")
+    args = ["--quiet", "--set", "model.layers=12", "--set", "coarse.iterations=20",
+            "--set", f"train.method={method}"]
+    assert main(["train", "--out", full, "--set", "train.epochs=3", *args], comm=comm) == 0
+    assert main(["train", "--out", part, "--set", "train.epochs=2", *args], comm=comm) == 0
+    assert main(["train", "--resume", part, "--set", "train.epochs=3"], comm=comm) == 0
+    comm.barrier()
+    if comm.rank == 0:
+        assert_same_run(full, part)
+        shutil.rmtree(folder)

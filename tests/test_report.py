@@ -1,0 +1,68 @@
+"""``report``: summary, comparison with speed-ups, time to target, PNG figures."""
+import numpy as np
+import pytest
+
+from pitmpi.cli import main
+from pitmpi.parallel.comm import run_emulated
+
+from .test_checkpoint import train
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A tiny depth sweep: serial and pit at 4 and 8 layers."""
+    d = tmp_path_factory.mktemp("sweep")
+    files = []
+    for layers in (4, 8):
+        for size, method in ((1, "serial"), (2, "pit")):
+            path = d / f"{method}-L{layers}.h5"
+            assert train(size, path, 3, "--set", f"train.method={method}",
+                         "--set", f"model.layers={layers}") == [0] * size
+            files.append(str(path))
+    return files
+
+
+def report(argv):
+    return run_emulated(1, lambda comm: main(["report", *argv], comm=comm))[0]
+
+
+def test_summary_of_one_file(sweep, capsys):
+    assert report([sweep[1]]) == 0
+    out = capsys.readouterr().out
+    for text in ("swissroll, verlet ResNet, width 16, 4 layers", "pit on 2 rank(s), 3 epochs",
+                 "partition [0,2), [2,4)", "validation", "rank 1", "comm wait", "regression"):
+        assert text in out, text
+
+
+def test_comparison_has_speedups_against_serial_of_same_depth(sweep, capsys):
+    assert report(sweep + ["--target", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in lines[2:] if ln.endswith(("-", ".h5")) or ".h5" in ln}
+    assert rows["serial-L4.h5"][8] == "1.00"  # the baseline against itself
+    pit = rows["pit-L8.h5"]
+    from pitmpi.report import load
+    want = load(sweep[2]).wall / load(sweep[3]).wall
+    assert float(pit[8]) == pytest.approx(want, abs=0.006)
+    assert float(pit[9]) == pytest.approx(want / 2, abs=0.006)
+
+
+def test_plots_are_valid_pngs(sweep, tmp_path, capsys):
+    import matplotlib.image
+    assert report(sweep + ["--plots", str(tmp_path / "fig")]) == 0
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert names == sorted(["curves.png", "regression_mse.png", "time_per_rank.png",
+                            "speedup_depth.png"] + [f"decision_{m}-L{L}.png" for m in ("serial", "pit")
+                                                    for L in (4, 8)])
+    for name in names:
+        img = matplotlib.image.imread(tmp_path / "fig" / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+        assert np.ptp(img) > 0  # not blank
+
+
+def test_report_errors(tmp_path, capsys):
+    bad = tmp_path / "x.h5"
+    bad.write_text("nope")
+    assert report([str(bad)]) == 2
+    assert "not a readable pitmpi output file" in capsys.readouterr().err
+    assert report([str(tmp_path / "none.h5")]) == 2
+    assert "file not found" in capsys.readouterr().err
