@@ -116,9 +116,11 @@ def summarise(path):
     rows = []
     for r in range(run.ranks):
         rows.append([f"rank {r}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"
-                                     for k, _ in TIME_KINDS])
-    lines.append("  seconds per rank:")
-    lines.extend("    " + s for s in table([""] + [n for _, n in TIME_KINDS], rows).splitlines())
+                                     for k, _ in TIME_KINDS]
+                    + [f"{t['rank_peak_memory'][r] / 2**20:.0f}" if "rank_peak_memory" in t else "-"])
+    lines.append(f"  seconds per rank ({int(run.attrs.get('blas_threads', 1))} BLAS thread(s) each):")
+    lines.extend("    " + s for s in table([""] + [n for _, n in TIME_KINDS] + ["peak MiB"],
+                                           rows).splitlines())
     if "regression_rel" in h and h["regression_rel"].size:
         tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]
         lines.append("  regression ‖Λ̂−Λ‖/‖Λ̂‖ over the last 100 iterations, per boundary: "
@@ -127,11 +129,13 @@ def summarise(path):
 
 
 def baseline_of(run, runs):
-    """The run ``run`` is compared with: serial of the same problem, else the fastest 1-rank run."""
+    """The run ``run`` is compared with: the fastest serial run of the same dataset
+    and depth with one BLAS thread, else any serial one, else the fastest 1-rank run."""
     same = [r for r in runs if r.dataset == run.dataset and r.layers == run.layers
             and r.ranks == 1]
     serial = [r for r in same if r.method == "serial"]
-    pool = serial or same
+    single = [r for r in serial if int(r.attrs.get("blas_threads", 1)) <= 1]
+    pool = single or serial or same
     return min(pool, key=lambda r: r.wall) if pool else None
 
 

@@ -30,8 +30,6 @@ class BlockTrainer(Trainer):
         self.block = self.net.block(self.bounds[r], self.bounds[r + 1])
         self.prev = r - 1 if r > 0 else None
         self.next = r + 1 if r < comm.size - 1 else None
-        if r != 0:  # only rank 0 reads features; the others need labels only
-            self.x_train = None
         self.params = None
         self.opt = None
 

@@ -1,16 +1,25 @@
 """Global prediction: train the coarse model, then hand its results to the fine one.
 
 The coarse network has ``L / c`` layers on the same ``[0, T]`` (step ``c h``).
-Rank 0 trains it with the serial algorithm for ``coarse.iterations`` SGD
-steps, run as the chain of the fine partition's blocks so that the state and
-the co-state at every block boundary come out of each step; those pairs seed
-each boundary's regression (the paper's information set ``I_0``).  Its
-controls are then prolonged to the fine grid.
+It is trained for ``coarse.iterations`` SGD steps, run as the chain of the
+fine partition's blocks so that the state and the co-state at every block
+boundary come out of each step; those pairs seed each boundary's regression
+(the paper's information set ``I_0``).  Its controls are then prolonged to
+the fine grid.
+
+The paper trains the coarse model on rank 0 alone, which leaves the other
+ranks idle: the serial fraction that caps the speed-up.  Here every rank
+takes a contiguous share of each coarse batch and the gradients are summed
+with one ``Allreduce`` (``data-parallel`` on the coarse model): the iterates
+are the serial ones up to rounding, and each rank's regression pairs are
+summed into the normal equations at the end.
 """
 import numpy as np
 
 from ..model import join_blocks
 from ..optim import SGD
+from .data_parallel import share
+from .flat import FlatSum
 from .regression import CostateRegression
 
 
@@ -52,11 +61,13 @@ def prolong(coarse_params, factor, kind="constant"):
     return fine
 
 
-def coarse_phase(net, cfg, batches, x_train, y_train, bounds, log=None):
-    """Train the coarse model on rank 0 and prepare what the fine ranks need.
+def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
+    """Train the coarse model (data-parallel over ``comm``) and prepare what
+    the fine ranks need.  Collective; the results are complete on rank 0.
 
     Parameters
     ----------
+    comm : Comm
     net : ResNet
         The fine network.
     cfg : dict
@@ -70,7 +81,7 @@ def coarse_phase(net, cfg, batches, x_train, y_train, bounds, log=None):
     Returns
     -------
     fine_params : dict
-        Prolonged full fine parameters.
+        Prolonged full fine parameters (on every rank).
     regression_states : list of tuple
         ``CostateRegression.state()`` for each internal boundary ``s_1..s_{N-1}``.
     warm_states : list of ndarray or None
@@ -91,28 +102,35 @@ def coarse_phase(net, cfg, batches, x_train, y_train, bounds, log=None):
                               rg["forgetting"]) for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch
     lr = co["lr"] or tr["lr"]
+    rows = share(batches.batch_size, comm.size, comm.rank)
+    gradient_sum = FlatSum(local, net.dtype, extra=1)
     loss = np.nan
     for g in range(iterations):
         idx = batches.indices(g)
+        n = len(idx)
+        idx = idx[rows]
         X, y = x_train[idx], y_train[idx]
         ctxs, inp = [], X
         for blk, p in zip(blocks, local):
             ctxs.append(blk.forward(p, inp))
             inp = ctxs[-1].output
         lam = None
+        grads = [None] * len(blocks)
         for i in range(len(blocks) - 1, -1, -1):
-            blk, p = blocks[i], local[i]
             if i < len(blocks) - 1:
-                regs[i].add(ctxs[i].output, y, lam, refit=False)
-            lam, grads, (data_loss, _) = blk.backward(p, ctxs[i], lam_out=lam, y=y)
-            if blk.last:
-                loss = data_loss
-            blk.add_decay_grad(p, grads)
-            opts[i].step(p, grads, lr)
+                regs[i].add(ctxs[i].output, y, lam, refit=False, n=n)
+            lam, grads[i], (data_loss, _) = blocks[i].backward(local[i], ctxs[i], lam_out=lam,
+                                                               y=y, n_norm=n)
+        (loss,) = gradient_sum.allreduce(comm, grads, [data_loss])
+        for blk, p, gr, opt in zip(blocks, local, grads, opts):
+            blk.add_decay_grad(p, gr)
+            opt.step(p, gr, lr)
         if log is not None and (g + 1) % max(iterations // 4, 1) == 0:
             log.info("  coarse iteration %d/%d: batch loss %.4f", g + 1, iterations, loss)
     for reg in regs:
-        reg.refit()
+        reg.merge(comm)
+    if comm.rank != 0:
+        return None, None, None, None
     # the coarse states at each boundary for the pipeline's warm-up batches
     warm = [None] * len(blocks)
     for r in range(1, len(blocks)):

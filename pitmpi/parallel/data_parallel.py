@@ -8,6 +8,7 @@ equal ``serial``'s up to the rounding of the sum.
 import numpy as np
 
 from ..errors import ConfigError
+from .flat import FlatSum
 from .methods import register
 from .serial import evaluate_full, full_step
 from .trainer import Trainer
@@ -32,11 +33,7 @@ class DataParallelTrainer(Trainer):
         self.val_rows = share(len(self.y_val), comm.size, comm.rank)
         self.block = self.net.full()
         self.start(self.net.init_params(cfg["train"]["seed"]))
-        # one contiguous buffer for the Allreduce; each gradient has its slice
-        ends = np.cumsum([v.size for v in self.params.values()])
-        self.slots = {name: slice(e - v.size, e)
-                      for (name, v), e in zip(self.params.items(), ends)}
-        self.flat = np.empty(ends[-1], dtype=self.net.dtype)
+        self.gradient_sum = FlatSum([self.params], self.net.dtype)
 
     def step(self, k, epoch):
         idx = self.batches.indices(k)
@@ -44,11 +41,7 @@ class DataParallelTrainer(Trainer):
         idx = idx[self.rows]
         grads, loss, correct = full_step(self.block, self.params, self.x_train[idx],
                                          self.y_train[idx], n_norm=n)
-        for name, slot in self.slots.items():
-            self.flat[slot] = grads[name].ravel()
-        self.comm.allreduce_sum(self.flat)
-        for name, slot in self.slots.items():
-            grads[name].ravel()[:] = self.flat[slot]
+        self.gradient_sum.allreduce(self.comm, [grads])
         if self.comm.rank == 0:
             loss += self.block.decay(self.params)
         self.block.add_decay_grad(self.params, grads)

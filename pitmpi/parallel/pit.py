@@ -67,21 +67,22 @@ class PitTrainer(BlockTrainer):
             self.start(self.net.init_params(self.cfg["train"]["seed"]))
             return
         payload = None
+        t = time.perf_counter()
+        self.log.info("global prediction: coarse model of %d layers, data-parallel on %d ranks",
+                      self.net.layers // self.cfg["coarse"]["factor"], comm.size)
+        fine, reg_states, warm, info = coarse_phase(
+            comm, self.net, self.cfg, self.batches, self.x_train, self.y_train, self.bounds,
+            self.log)
         if comm.rank == 0:
-            t = time.perf_counter()
-            self.log.info("global prediction: coarse model of %d layers on rank 0",
-                          self.net.layers // self.cfg["coarse"]["factor"])
-            fine, reg_states, warm, info = coarse_phase(
-                self.net, self.cfg, self.batches, self.x_train, self.y_train, self.bounds, self.log)
-            self.seconds["coarse"] = time.perf_counter() - t
             self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
-                          self.seconds["coarse"], info["iterations"], info["final_loss"])
+                          time.perf_counter() - t, info["iterations"], info["final_loss"])
             payload = []
             for r in range(comm.size):
                 blk = self.net.block(self.bounds[r], self.bounds[r + 1])
                 payload.append((blk.local_params(fine),
                                 reg_states[r] if r < comm.size - 1 else None, warm[r]))
         params, reg_state, self.warm_state = comm.scatter(payload)
+        self.seconds["coarse"] = time.perf_counter() - t - comm.wait_seconds
         self.use_local_params(params)
         if reg_state is not None:
             self.reg.load_state(reg_state)

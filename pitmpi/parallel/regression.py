@@ -80,13 +80,15 @@ class CostateRegression:
         starts = ends - np.bincount(y, minlength=self.groups)
         return order, [(g, slice(a, b)) for g, (a, b) in enumerate(zip(starts, ends)) if b > a]
 
-    def add(self, x, y, lam, refit=True):
-        """Add the batch's pairs: states ``x`` (n, sw), labels ``y`` (n,) and
-        batch co-states ``lam`` (n, sw) (scaled to ``p = n Λ`` here)."""
-        n = x.shape[0]
+    def add(self, x, y, lam, refit=True, n=None):
+        """Add the batch's pairs: states ``x`` (m, sw), labels ``y`` (m,) and
+        batch co-states ``lam`` (m, sw), scaled here to ``p = n Λ`` (``n``:
+        the size of the batch ``lam`` is normalised by; default ``m``)."""
+        m = x.shape[0]
+        n = m if n is None else n
         phi = self.features(x, y)
         p = lam * n
-        order, segments = self._segments(y, n)
+        order, segments = self._segments(y, m)
         if order is not None:
             phi, p = phi[order], p[order]
         self.G *= self.forgetting
@@ -94,9 +96,19 @@ class CostateRegression:
         for g, rows in segments:
             self.G[g] += phi[rows].T @ phi[rows]
             self.H[g] += phi[rows].T @ p[rows]
-        self.pairs += n
+        self.pairs += m
         if refit:
             self.refit()
+
+    def merge(self, comm):
+        """Sum the normal equations of every rank's pairs (collective), then refit."""
+        if comm.size > 1:
+            self.G = np.ascontiguousarray(self.G)
+            self.H = np.ascontiguousarray(self.H)
+            comm.allreduce_sum(self.G)
+            comm.allreduce_sum(self.H)
+            self.pairs = int(sum(comm.allgather(self.pairs)))
+        self.refit()
 
     def refit(self):
         """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK

@@ -51,6 +51,22 @@ class Result:
     checkpoint: dict = field(default_factory=dict)
 
 
+def peak_memory():
+    """Peak resident memory of this process so far, bytes (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0.0
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
+
+
+def blas_threads():
+    """Threads of the BLAS NumPy uses (the most of any loaded BLAS library)."""
+    from threadpoolctl import threadpool_info
+    counts = [p["num_threads"] for p in threadpool_info() if p.get("user_api") == "blas"]
+    return max(counts, default=1)
+
+
 def build_network(cfg, data):
     """The fine ResNet a config describes, for a dataset."""
     m, t = cfg["model"], cfg["train"]
@@ -251,7 +267,8 @@ class Trainer:
         now = {"comm_wait": comm.wait_seconds, "regression": self.seconds["regression"],
                "coarse": self.seconds["coarse"]}
         now["compute"] = max(self.session_wall - sum(now.values()), 0.0)
-        rank_times = comm.gather(tuple(self.before[k] + now[k] for k in RANK_TIMES))
+        rank_times = comm.gather(tuple(self.before[k] + now[k] for k in RANK_TIMES)
+                                 + (peak_memory(),))
         states = comm.gather(self.method_state())
         regs = comm.gather(self.regression_states())
         extra, attrs = self.result_extra()
@@ -263,8 +280,10 @@ class Trainer:
         history.update(extra_hist)
         rt = np.array(rank_times)
         timing = {"train_wall": self.wall_before + self.session_wall, "rank_compute": rt[:, 0],
-                  "rank_comm_wait": rt[:, 1], "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3]}
+                  "rank_comm_wait": rt[:, 1], "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3],
+                  "rank_peak_memory": rt[:, 4]}
         attrs = {"method": self.method, "ranks": comm.size, "dataset": self.data.name,
+                 "blas_threads": blas_threads(),
                  "samples": self.samples, "epochs_done": epochs_done,
                  "iterations_done": k_done, **attrs}
         ckpt = {"velocity": velocity,

@@ -1,0 +1,134 @@
+"""Benchmark harness: methods × depths × repeats, medians, one BLAS thread per rank.
+
+Runs ``python -m pitmpi train`` in subprocesses (``mpiexec -n N`` for the
+parallel methods), one output file per run, then prints and writes a Markdown
+summary (``summary.md`` in the output folder) of medians with min–max:
+
+    python run/bench.py --config run/swissroll.toml --layers 16 32 64 128 256 \\
+        --methods serial data-parallel model-parallel pit pit-1level \\
+        --ranks 2 --repeats 3 --set train.epochs=10 --out results/bench-swissroll
+
+``pit-1level`` is ``pit`` with ``coarse.levels=1``; ``serial-allcores`` is
+``serial`` with as many BLAS threads as cores (the baseline nobody can call
+starved).  The files are ordinary output files: ``python -m pitmpi report
+results/bench-swissroll/*.h5 --plots DIR`` compares and plots them.
+
+Columns of the summary: wall = training seconds (coarse phase included);
+iter = ms per iteration without the coarse phase; speed-up = median serial
+wall / median wall and iter-eff = serial iter / (N × iter), both against
+the one-thread serial run of the same depth; peak = largest per-rank peak
+resident memory (MiB).
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+
+METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
+           "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
+           "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
+
+
+def run_one(args, name, layers, repeat):
+    method, extra = METHODS[name]
+    ranks = 1 if method == "serial" else args.ranks
+    path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}-r{repeat}.h5")
+    if os.path.exists(path) and not args.force:
+        return path
+    cmd = [sys.executable, "-m", "pitmpi", "train"] + ([args.config] if args.config else [])
+    cmd += ["--quiet", "--out", path, "--set", f"train.method={method}",
+            "--set", f"model.layers={layers}"]
+    for s in list(args.set) + extra:
+        cmd += ["--set", s]
+    if ranks > 1:
+        cmd = [args.mpiexec, "-n", str(ranks)] + cmd
+    env = dict(os.environ)
+    threads = os.cpu_count() if name == "serial-allcores" else 1
+    env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    print(f"  {os.path.basename(path)}: {time.perf_counter() - t:.1f} s", flush=True)
+    return path
+
+
+def figures(path):
+    with h5py.File(path, "r") as f:
+        wall = float(f["timing/train_wall"][()])
+        coarse = float(np.max(f["timing/coarse_wall"][()]))
+        iters = len(f["history/loss"])
+        mem = float(np.max(f["timing/rank_peak_memory"][()])) / 2**20
+        return {"wall": wall, "iter": 1e3 * (wall - coarse) / iters,
+                "val": 100 * float(f["history/val_acc"][-1]), "peak": mem,
+                "ranks": int(f.attrs["ranks"])}
+
+
+def med(values, fmt="{:.2f}"):
+    m = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(m), m
+    return f"{fmt.format(m)} ({fmt.format(min(values))}–{fmt.format(max(values))})", m
+
+
+def summarise(results, layers, methods):
+    rows = ["| layers | method | ranks | wall s | ms/iter | speed-up | iter-eff | val % | peak MiB |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for L in layers:
+        base = results.get((L, "serial"))
+        for name in methods:
+            runs = results.get((L, name))
+            if not runs:
+                continue
+            wall_s, wall = med([r["wall"] for r in runs])
+            it_s, it = med([r["iter"] for r in runs], "{:.3f}")
+            val_s, _ = med([r["val"] for r in runs])
+            n = runs[0]["ranks"]
+            su = eff = "-"
+            if base:
+                b_wall = statistics.median(r["wall"] for r in base)
+                b_it = statistics.median(r["iter"] for r in base)
+                sus = [b_wall / r["wall"] for r in runs]
+                su = med(sus)[0]
+                eff = f"{b_it / (n * it):.2f}"
+            peak = f"{statistics.median(r['peak'] for r in runs):.0f}"
+            rows.append(f"| {L} | {name} | {n} | {wall_s} | {it_s} | {su} | {eff} | {val_s} | {peak} |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config (default: the built-in default problem)")
+    p.add_argument("--layers", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--methods", nargs="+", default=["serial", "data-parallel", "model-parallel", "pit"],
+                   choices=list(METHODS))
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--mpiexec", default=os.environ.get("PITMPI_MPIEXEC", "mpiexec"))
+    p.add_argument("--force", action="store_true", help="rerun even if a file exists")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    # repeats outermost: a slow spell of the machine hits every method alike
+    for repeat in range(args.repeats):
+        for L in args.layers:
+            for name in args.methods:
+                results.setdefault((L, name), []).append(figures(run_one(args, name, L, repeat)))
+    text = summarise(results, args.layers, args.methods)
+    head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
+            f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(head + text + "\n")
+    print(head + text)
+
+
+if __name__ == "__main__":
+    main()
