@@ -1,7 +1,8 @@
 """Command line: ``python -m pitmpi [train|report|keys] ...``.
 
 Exit codes: 0 success, 2 bad input (one-line message, no traceback unless
-``--debug``), 1 anything else.  Under MPI a failure on one rank ends the
+``--debug``), 3 training diverged (NaN/Inf or exploding loss; the last
+checkpoint is kept), 1 anything else.  Under MPI a failure on one rank ends the
 whole job (``Abort``) with a message that names the rank.
 """
 import argparse
@@ -12,7 +13,7 @@ from . import __version__
 from . import config as config_mod
 from . import data as data_mod
 from .checkpoint import Checkpoint
-from .errors import UserError
+from .errors import Diverged, UserError
 from .io import check_writable, write_result
 from .logs import setup_logging
 
@@ -177,6 +178,14 @@ def main(argv=None, comm=None):
             sys.stderr.flush()
             comm.abort(2)
         return 2
+    except Diverged as e:
+        print(f"pitmpi: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        if comm.size > 1:
+            sys.stderr.flush()
+            comm.abort(3)
+        return 3
     except Exception as e:  # noqa: BLE001 - any failure must end every rank
         if comm.size > 1:
             sys.stderr.write(f"pitmpi: rank {comm.rank} of {comm.size} failed: "

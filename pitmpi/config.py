@@ -94,6 +94,9 @@ SCHEMA = {
         "lr_decay_iters": Key("int", 1000, "inverse schedule: lr_k = lr / (1 + k / lr_decay_iters)",
                               minimum=1),
         "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
+        "max_loss": Key("float", 100.0, "stop as diverged when a batch loss exceeds this "
+                                        "(NaN or Inf anywhere always stops; 0: no loss limit)",
+                        minimum=0.0),
     },
     "coarse": {
         "levels": Key("int", 2, "2: global prediction on a coarse model first; "
@@ -112,8 +115,10 @@ SCHEMA = {
                         choices=("state", "state+label", "per-class")),
         "ridge": Key("float", 1e-6, "ridge weight, relative to the mean diagonal of the "
                                     "Gram matrix", minimum=0.0),
-        "forgetting": Key("float", 0.9, "exponential forgetting factor of the normal equations",
+        "forgetting": Key("float", 0.99, "exponential forgetting factor of the normal equations",
                           minimum=0.0, maximum=1.0, strict_min=True),
+        "pairs_per_batch": Key("int", 0, "add only the first k (state, co-state) pairs of each "
+                                         "batch to the regression (0: all)", minimum=0),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
                                      "(pairs are always added)", minimum=1),
     },

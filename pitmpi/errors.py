@@ -12,3 +12,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A missing, unreadable or malformed data file."""
+
+
+class Diverged(RuntimeError):
+    """Training produced NaN/Inf or an exploding loss; exit code 3.  The message
+    says where (rank, layer block, iteration) and what to try."""

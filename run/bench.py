@@ -45,6 +45,8 @@ def run_one(args, name, layers, repeat):
             "--set", f"model.layers={layers}"]
     for s in list(args.set) + extra:
         cmd += ["--set", s]
+    if args.scale_lr:
+        cmd += ["--set", f"train.lr={args.lr * layers / args.scale_lr:g}"]
     if ranks > 1:
         cmd = [args.mpiexec, "-n", str(ranks)] + cmd
     env = dict(os.environ)
@@ -114,6 +116,10 @@ def main(argv=None):
     p.add_argument("--out", default="results/bench")
     p.add_argument("--mpiexec", default=os.environ.get("PITMPI_MPIEXEC", "mpiexec"))
     p.add_argument("--force", action="store_true", help="rerun even if a file exists")
+    p.add_argument("--scale-lr", type=int, metavar="L0",
+                   help="learning rate --lr × layers / L0 (with T fixed, the step h = T/L "
+                        "shrinks every layer's gradient by 1/L; this keeps training alike)")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate at L0 layers (--scale-lr)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = {}
@@ -124,7 +130,8 @@ def main(argv=None):
                 results.setdefault((L, name), []).append(figures(run_one(args, name, L, repeat)))
     text = summarise(results, args.layers, args.methods)
     head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
-            f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")
+            + (f"lr = {args.lr:g} × L / {args.scale_lr}, " if args.scale_lr else "")
+            + f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(head + text + "\n")
     print(head + text)

@@ -19,34 +19,6 @@ def run_main(argv, size=1):
     return run_emulated(size, lambda comm: main(argv, comm=comm))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.layerz=3"], "unknown key model.layerz"),
-    (["modl.layers=3"], "unknown section [modl]"),
-    (["model.layers=0"], "model.layers = 0 is not allowed; expected an integer >= 1"),
-    (["model.layers=2.5"], "model.layers = 2.5 is not allowed"),
-    (["model.scheme=rk4"], "model.scheme = 'rk4' is not allowed; expected one of 'euler', 'verlet'"),
-    (["train.lr=0"], "train.lr = 0 is not allowed; expected a number > 0.0"),
-    (["train.lr=fast"], "train.lr = 'fast' is not allowed"),
-    (["train.method=sgd"], "train.method = 'sgd' is not allowed"),
-    (["train.batch_size=100000"], "larger than the 513 training samples"),
-    (["data.name=cifar"], "data.name = 'cifar' is not allowed"),
-    (["data.name=mnist", "data.path=/nonexistent/dir"], "data.path '/nonexistent/dir' is not a directory"),
-    (["data.name=npz", "data.path=/nonexistent.npz"], "/nonexistent.npz: file not found"),
-    (["output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
-    (["justtext"], "expected section.key=value"),
-])
-def test_bad_overrides(tmp_path, capsys, overrides, message):
-    out = tmp_path / "o.h5"
-    argv = ["train", "--out", str(out)]
-    for o in overrides:
-        argv += ["--set", o]
-    assert run_main(argv) == [2]
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pitmpi: error: ")
-    assert message in err[0]
-    assert not out.exists()
-
-
 def test_bad_config_files(tmp_path, capsys):
     out = tmp_path / "o.h5"
     bad = tmp_path / "bad.toml"

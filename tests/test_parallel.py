@@ -70,10 +70,9 @@ def test_pit_is_deterministic(overrides):
 
 
 def test_pit_learns_the_swiss_roll():
-    # chance is 50 %; serial reaches ~95 % here.  pit does not yet match serial
-    # (see the issue notes): this checks that it learns, not that it is as good.
-    res = train(2, ["train.method=pit", "train.epochs=60", "model.layers=16",
-                    "coarse.iterations=300"])
+    # a short run on 2 emulated ranks learns (chance is 50 %); the accuracy
+    # against serial on the full default problem is checked under MPI
+    res = train(2, ["train.method=pit", "train.epochs=60", "model.layers=16"])
     assert res.history["val_acc"].max() >= 0.8
 
 

@@ -25,7 +25,8 @@ class BlockTrainer(Trainer):
     def __init__(self, comm, cfg, data, log=None):
         super().__init__(comm, cfg, data, log)
         self.costs = layer_costs(self.net)
-        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg))
+        self.boundary_cost = self.regression_cost(cfg) if comm.size > 1 else 0.0
+        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost)
         r = comm.rank
         self.block = self.net.block(self.bounds[r], self.bounds[r + 1])
         self.prev = r - 1 if r > 0 else None
@@ -35,6 +36,10 @@ class BlockTrainer(Trainer):
 
     def grid_for(self, cfg):
         return 1
+
+    def regression_cost(self, cfg):
+        """Extra per-sample cost of every block but the last (see partition)."""
+        return 0.0
 
     def local_copy(self, full):
         return self.block.local_params(full)
@@ -53,8 +58,11 @@ class BlockTrainer(Trainer):
         super().resume(ckpt)
 
     def log_partition(self):
-        for line in describe(self.bounds, self.costs):
+        for line in describe(self.bounds, self.costs, self.boundary_cost):
             self.log.info("  %s", line)
+
+    def layer_range(self):
+        return int(self.bounds[self.comm.rank]), int(self.bounds[self.comm.rank + 1])
 
     def labels(self, g):
         return self.y_train[self.batches.indices(g)]

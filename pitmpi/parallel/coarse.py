@@ -99,7 +99,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     local = [blk.local_params(full) for blk in blocks]
     opts = [SGD(p, tr["momentum"]) for p in local]
     regs = [CostateRegression(net.state_width, net.n_classes, rg["features"], rg["ridge"],
-                              rg["forgetting"]) for _ in blocks[1:]]
+                              rg["forgetting"], rg["pairs_per_batch"]) for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch
     lr = co["lr"] or tr["lr"]
     rows = share(batches.batch_size, comm.size, comm.rank)
@@ -119,8 +119,10 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
         for i in range(len(blocks) - 1, -1, -1):
             if i < len(blocks) - 1:
                 regs[i].add(ctxs[i].output, y, lam, refit=False, n=n)
-            lam, grads[i], (data_loss, _) = blocks[i].backward(local[i], ctxs[i], lam_out=lam,
-                                                               y=y, n_norm=n)
+            lam, grads[i], (part, _) = blocks[i].backward(local[i], ctxs[i], lam_out=lam,
+                                                          y=y, n_norm=n)
+            if blocks[i].last:
+                data_loss = part
         (loss,) = gradient_sum.allreduce(comm, grads, [data_loss])
         for blk, p, gr, opt in zip(blocks, local, grads, opts):
             blk.add_decay_grad(p, gr)

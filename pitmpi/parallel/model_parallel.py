@@ -34,6 +34,7 @@ class ModelParallelTrainer(BlockTrainer):
             comm.recv(self.x_in, self.prev, batch_tag(STATE_TAG, k))
             inp = self.x_in
         ctx = blk.forward(self.params, inp)
+        self.check_finite("state at its right boundary", ctx.output, k, epoch)
         if self.next is not None:
             comm.send(np.ascontiguousarray(ctx.output), self.next, batch_tag(STATE_TAG, k))
             comm.recv(self.lam_out, self.next, batch_tag(COSTATE_TAG, k))

@@ -26,6 +26,7 @@ from .blocks import BlockTrainer
 from .coarse import coarse_phase
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
 from .methods import register
+from .partition import regression_cost
 from .regression import CostateRegression, prediction_errors
 
 
@@ -45,7 +46,7 @@ class PitTrainer(BlockTrainer):
         self.reg = None
         if self.next is not None:
             self.reg = CostateRegression(sw, self.net.n_classes, rg["features"], rg["ridge"],
-                                         rg["forgetting"])
+                                         rg["forgetting"], rg["pairs_per_batch"])
         n_iter = self.epochs * self.batches.per_epoch
         self.mse = np.full(n_iter, np.nan)
         self.rel = np.full(n_iter, np.nan)
@@ -53,6 +54,9 @@ class PitTrainer(BlockTrainer):
         self.arrived = 0  # co-states received so far
         self.pipeline_start = 0  # iteration at which rank 0 fed the pipeline's first batch
         self.refit_every = rg["refit_every"]
+
+    def regression_cost(self, cfg):
+        return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
 
     def grid_for(self, cfg):
         return cfg["coarse"]["factor"] if self.two_level else 1
@@ -107,6 +111,7 @@ class PitTrainer(BlockTrainer):
                 inp = self.warm_state
             ctx = blk.forward(self.params, inp)
             x_out = ctx.output
+            self.check_finite("state at its right boundary", x_out, k, epoch)
             if blk.last:
                 lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y)
                 count = len(y)
@@ -115,6 +120,8 @@ class PitTrainer(BlockTrainer):
                 lam_hat = self.reg.predict(x_out, y)
                 self.seconds["regression"] += time.perf_counter() - t
                 lam_in, grads, _ = blk.backward(self.params, ctx, lam_out=lam_hat)
+            if lam_in is not None:
+                self.check_finite("co-state at its left boundary", lam_in, k, epoch)
             loss = self.finish_step(grads, k, epoch, loss)
             if self.next is not None:
                 x_out = np.array(x_out)  # keep: it pairs with next iteration's co-state

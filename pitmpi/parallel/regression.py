@@ -33,6 +33,10 @@ class CostateRegression:
         Ridge weight relative to the mean diagonal of each group's ``G``.
     forgetting : float
         ``γ`` in (0, 1]; 1 keeps every pair with equal weight.
+    pairs_per_batch : int
+        Add only the first this many pairs of each batch (batches are random
+        draws, so these are a random subset; 0: all).  An update costs
+        ``O(m f²)`` for ``m`` pairs.
 
     Attributes
     ----------
@@ -41,18 +45,21 @@ class CostateRegression:
         ``groups`` is ``n_classes`` for ``per-class`` and 1 otherwise.
     """
 
-    def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9):
+    def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
+                 pairs_per_batch=0):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
         self.kind = features
         self.use_labels = features != "state"
         self.ridge, self.forgetting = float(ridge), float(forgetting)
+        self.pairs_per_batch = int(pairs_per_batch)
         self.groups = self.n_classes if features == "per-class" else 1
         f, sw = self.n_features, self.state_width
         self.G = np.zeros((self.groups, f, f))
         self.H = np.zeros((self.groups, f, sw))
         self.theta = np.zeros((self.groups, f, sw))
+        self.scale = 1.0
         self.pairs = 0
 
     @property
@@ -86,13 +93,25 @@ class CostateRegression:
         the size of the batch ``lam`` is normalised by; default ``m``)."""
         m = x.shape[0]
         n = m if n is None else n
+        if 0 < self.pairs_per_batch < m:
+            m = self.pairs_per_batch
+            x, lam = x[:m], lam[:m]
+            y = None if y is None else y[:m]
         phi = self.features(x, y)
         p = lam * n
         order, segments = self._segments(y, m)
         if order is not None:
             phi, p = phi[order], p[order]
-        self.G *= self.forgetting
-        self.H *= self.forgetting
+        # forgetting without touching G and H: the true normal equations are
+        # scale · (G, H), and a new pair enters with weight 1 / scale
+        self.scale *= self.forgetting
+        if self.scale < 1e-100:
+            self.G *= self.scale
+            self.H *= self.scale
+            self.scale = 1.0
+        root = (1.0 / self.scale) ** 0.5
+        phi *= root
+        p = p * root
         for g, rows in segments:
             self.G[g] += phi[rows].T @ phi[rows]
             self.H[g] += phi[rows].T @ p[rows]
@@ -101,7 +120,8 @@ class CostateRegression:
             self.refit()
 
     def merge(self, comm):
-        """Sum the normal equations of every rank's pairs (collective), then refit."""
+        """Sum the normal equations of every rank's pairs (collective; every
+        rank has added the same number of batches, so the same ``scale``), then refit."""
         if comm.size > 1:
             self.G = np.ascontiguousarray(self.G)
             self.H = np.ascontiguousarray(self.H)
@@ -144,10 +164,11 @@ class CostateRegression:
         return lam.astype(x.dtype, copy=False)
 
     def state(self):
-        """``{"G", "H", "theta", "pairs"}``: enough to continue elsewhere
-        (seeding the fine run, checkpoints)."""
-        return {"G": self.G.copy(), "H": self.H.copy(), "theta": self.theta.copy(),
-                "pairs": np.int64(self.pairs)}
+        """``{"G", "H", "scale", "theta", "pairs"}``: enough to continue
+        elsewhere (seeding the fine run, checkpoints); the normal equations
+        are ``scale · G`` and ``scale · H``."""
+        return {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
+                "theta": self.theta.copy(), "pairs": np.int64(self.pairs)}
 
     def load_state(self, state):
         """Continue from :meth:`state` (``theta`` is refitted if absent)."""
@@ -155,6 +176,7 @@ class CostateRegression:
             raise ValueError(f"regression state of shape {state['G'].shape} does not fit "
                              f"this boundary's {self.G.shape}")
         self.G, self.H = np.array(state["G"], dtype=float), np.array(state["H"], dtype=float)
+        self.scale = float(state.get("scale", 1.0))
         self.pairs = int(state["pairs"])
         if "theta" in state:
             self.theta = np.array(state["theta"], dtype=float)

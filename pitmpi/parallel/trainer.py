@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Diverged
 from ..model import ResNet
 from ..optim import SGD, BatchSchedule, Schedule
 
@@ -105,6 +105,7 @@ class Trainer:
         self.y_val = data.y_val
         self.seconds = {"compute": 0.0, "regression": 0.0, "coarse": 0.0}
         self.exact_resume = False
+        self.last_checkpoint = 0  # epoch of the last checkpoint written this run
         self.extra_history = {}
 
     # hooks ------------------------------------------------------------
@@ -200,6 +201,7 @@ class Trainer:
                 if k == fail_at:
                     raise RuntimeError(f"injected failure (PITMPI_FAIL_RANK) at iteration {k}")
                 self.loss_parts[k], c, n = self.step(k, epoch)
+                self.check_loss(k, epoch)
                 correct += c
                 count += n
             epoch_seconds = time.perf_counter() - t0
@@ -207,10 +209,43 @@ class Trainer:
             self.samples += B * self.batches.batch_size
             self.record_epoch(epoch, correct, count, epoch_seconds)
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
+                self.last_checkpoint = epoch + 1
                 result = self.snapshot(epoch + 1)
                 if comm.rank == 0 and save is not None:
                     save(result)
         return self.snapshot(self.epochs)
+
+    def layer_range(self):
+        """The layers ``(a, b)`` this rank updates."""
+        return 0, self.net.layers
+
+    def diverged(self, what, k, epoch):
+        """Raise :class:`Diverged` for ``what`` found at iteration ``k``."""
+        a, b = self.layer_range()
+        t = self.cfg["train"]
+        m = self.cfg["model"]
+        kept = (f"the checkpoint of epoch {self.last_checkpoint} in {self.cfg['output']['path']} "
+                "is kept" if self.last_checkpoint else
+                "no checkpoint was written this run (output.checkpoint_every = K writes one "
+                "every K epochs)")
+        raise Diverged(f"training diverged on rank {self.comm.rank} (layers [{a}, {b})) at "
+                       f"iteration {k} (epoch {epoch + 1}): {what}; try a smaller train.lr "
+                       f"(now {self.lr(k, epoch):g}) or a smaller step h = T / layers "
+                       f"(now {m['T'] / m['layers']:g}); {kept}") from None
+
+    def check_loss(self, k, epoch):
+        """Stop on a non-finite or exploding loss part of this rank."""
+        loss = self.loss_parts[k]
+        limit = self.cfg["train"]["max_loss"]
+        if not np.isfinite(loss):
+            self.diverged(f"the loss is {loss}", k, epoch)
+        if limit and loss > limit:
+            self.diverged(f"the batch loss {loss:.4g} exceeds train.max_loss = {limit:g}", k, epoch)
+
+    def check_finite(self, what, array, k, epoch):
+        """Stop if ``array`` (a state or co-state) holds NaN or Inf."""
+        if not np.isfinite(np.sum(array)):
+            self.diverged(f"the {what} holds NaN or Inf", k, epoch)
 
     def injected_failure(self, default):
         """Test hook: with ``PITMPI_FAIL_RANK=r`` rank r raises at iteration

@@ -109,3 +109,18 @@ def test_resume_is_bitwise_identical_under_mpi(method):
     if comm.rank == 0:
         assert_same_run(full, part)
         shutil.rmtree(folder)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pit_reaches_serial_accuracy_on_the_swiss_roll():
+    """The default problem (run/swissroll.toml): pit on N ranks ends within
+    0.5 points of serial's final validation accuracy."""
+    comm = world()
+    toml = os.path.join(REPO, "run", "swissroll.toml")
+    cfg = config.load(toml, ["output.progress=false"])
+    res = make_trainer(comm, cfg, data.swissroll()).run()
+    if comm.rank == 0:
+        scfg = config.load(toml, ["output.progress=false", "train.method=serial"])
+        ref = run_emulated(1, lambda c: make_trainer(c, scfg, data.swissroll()).run())[0]
+        assert res.history["val_acc"][-1] >= ref.history["val_acc"][-1] - 0.005, \
+            (res.history["val_acc"][-1], ref.history["val_acc"][-1])

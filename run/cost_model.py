@@ -1,0 +1,159 @@
+"""Cost model of ``pit`` and ``data-parallel``: predicted efficiency at N ranks.
+
+Measures, on this machine and one BLAS thread:
+
+- ``a``, ``b``: one ODE layer's forward + backward + update costs ``a + b·n``
+  seconds for a batch of ``n`` samples (``a``: per-layer overhead of Python
+  and small kernels, ``b``: per-sample cost), from timings at two batch sizes;
+- ``c_open``, ``c_cls``: the opening and classifier layers, same form;
+- ``t_msg``: one ``Sendrecv`` of an ``n × sw`` state between two ranks
+  (measured with ``mpiexec -n 2`` if available, else taken as 0);
+- ``t_reg``: one regression prediction + pair update + refit at a boundary;
+- ``t_red``: one ``Allreduce`` of all parameters (data-parallel).
+
+Model, per iteration, with ``L`` layers balanced over ``N`` blocks:
+
+    serial        T1 = L (a + b n) + open + cls
+    pit           TN = max_r block_r + 2 t_msg + t_reg          (block_r ≈ T1 / N)
+    data-parallel TD = L (a + b n / N) + open/N + cls/N + t_red
+
+and with the coarse phase (``m`` iterations of the ``L/c``-layer model,
+data-parallel over the ranks) ``C = m · [(L/c)(a + b n / N) + t_red]``, a
+run of ``K`` iterations has efficiency ``K T1 / (N (C + K TN))``.
+
+    python run/cost_model.py --layers 256 --width 16 --batch 32 --iterations 2400
+
+prints the measured constants and the predicted efficiency for 2 … 64 ranks.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import timeit
+
+import numpy as np
+
+from pitmpi import ResNet
+from pitmpi.optim import SGD
+from pitmpi.parallel.regression import CostateRegression
+
+PINGPONG = r"""
+import sys, time, numpy as np
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+n, sw, reps = int(sys.argv[1]), int(sys.argv[2]), 2000
+a, b = np.ones((n, sw)), np.empty((n, sw))
+other = 1 - c.rank
+for _ in range(100):
+    c.Sendrecv(a, other, 0, b, other, 0)
+c.Barrier()
+t = time.perf_counter()
+for _ in range(reps):
+    c.Sendrecv(a, other, 0, b, other, 0)
+if c.rank == 0:
+    print((time.perf_counter() - t) / reps)
+"""
+
+
+def time_block(net, params, a, b, n, rng):
+    blk = net.block(a, b)
+    local = blk.local_params(params)
+    opt = SGD(local, 0.9)
+    width = net.n_features if blk.first else net.state_width
+    X = rng.standard_normal((n, width)).astype(net.dtype)
+    y = rng.integers(0, net.n_classes, n)
+    lam = rng.standard_normal((n, net.state_width)).astype(net.dtype) / n
+
+    def once():
+        ctx = blk.forward(local, X)
+        _, grads, _ = blk.backward(local, ctx, lam_out=None if blk.last else lam,
+                                   y=y if blk.last else None)
+        opt.step(local, grads, 1e-6)
+
+    once()
+    return min(timeit.repeat(once, number=20, repeat=5)) / 20
+
+
+def measure(args):
+    rng = np.random.default_rng(0)
+    L = 16
+    net = ResNet(args.scheme, args.features, args.width, L, args.classes, 1.0, "tanh",
+                 1e-4, args.dtype)
+    params = net.init_params(0)
+    out = {}
+    for n in (args.batch, 4 * args.batch):
+        mid = time_block(net, params, 4, 12, n, rng) / 8
+        first = time_block(net, params, 0, 4, n, rng) - 4 * mid
+        last = time_block(net, params, 12, 16, n, rng) - 4 * mid
+        out[n] = (mid, first, last)
+    n1, n2 = args.batch, 4 * args.batch
+    b = (out[n2][0] - out[n1][0]) / (n2 - n1)
+    a = out[n1][0] - b * n1
+    reg = CostateRegression(net.state_width, args.classes, args.features_kind)
+    x = rng.standard_normal((args.batch, net.state_width))
+    yy = rng.integers(0, args.classes, args.batch)
+    reg.add(x, yy, x)
+
+    def reg_once():
+        reg.predict(x, yy)
+        reg.add(x, yy, x)
+
+    t_reg = min(timeit.repeat(reg_once, number=50, repeat=5)) / 50
+    flat = np.ones(sum(v.size for v in params.values()) * args.layers // L)
+    t_red = 2 * flat.nbytes / 5e9  # shared-memory copy bandwidth, rough
+    t_msg = 0.0
+    try:
+        r = subprocess.run([os.environ.get("PITMPI_MPIEXEC", "mpiexec"), "-n", "2", sys.executable,
+                            "-c", PINGPONG, str(args.batch), str(net.state_width)],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        t_msg = float(r.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        print("(no mpiexec: message time taken as 0)")
+    return {"a": a, "b": b, "open": out[n1][1], "cls": out[n1][2], "t_msg": t_msg,
+            "t_reg": t_reg, "t_red": t_red}
+
+
+def predict(k, L, n, N, iterations, coarse_iters, factor):
+    layer = k["a"] + k["b"] * n
+    T1 = L * layer + k["open"] + k["cls"]
+    TN = T1 / N + (2 * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
+    TD = L * (k["a"] + k["b"] * n / N) + (k["open"] + k["cls"]) / N + (k["t_red"] if N > 1 else 0)
+    C = coarse_iters * ((L // factor) * (k["a"] + k["b"] * n / N) + (k["t_red"] if N > 1 else 0))
+    return {"T1": T1, "pit_iter": TN, "pit_eff_iter": T1 / (N * TN),
+            "pit_eff_run": iterations * T1 / (N * (C + iterations * TN)),
+            "dp_eff": T1 / (N * TD)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scheme", default="verlet")
+    p.add_argument("--features", type=int, default=2, help="input features d")
+    p.add_argument("--classes", type=int, default=2)
+    p.add_argument("--features-kind", default="per-class")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--layers", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dtype", default="float64")
+    p.add_argument("--iterations", type=int, default=2400, help="fine iterations of the run")
+    p.add_argument("--coarse-iterations", type=int, default=300)
+    p.add_argument("--factor", type=int, default=2)
+    args = p.parse_args(argv)
+    k = measure(args)
+    print("measured (seconds): " + ", ".join(f"{n} = {v:.3g}" for n, v in k.items()))
+    print(f"\nL = {args.layers}, w = {args.width}, n = {args.batch}, {args.iterations} iterations, "
+          f"coarse phase {args.coarse_iterations} iterations of L/{args.factor} layers")
+    print("| ranks | layers per rank | pit ms/iter | pit efficiency per iteration | "
+          "pit efficiency of the run | data-parallel efficiency |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for N in (1, 2, 4, 8, 16, 32, 64):
+        if args.layers // N < args.factor:
+            break
+        e = predict(k, args.layers, args.batch, N, args.iterations, args.coarse_iterations,
+                    args.factor)
+        print(f"| {N} | {args.layers // N} | {1e3 * e['pit_iter']:.3f} | {e['pit_eff_iter']:.2f} "
+              f"| {e['pit_eff_run']:.2f} | {e['dp_eff']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

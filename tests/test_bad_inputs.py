@@ -1,0 +1,102 @@
+"""Every bad input: one-line error naming the key or file, exit code 2 on every
+rank, no output file (issue: robustness).  Run on 2 emulated ranks, so each
+case also checks that all ranks exit."""
+import numpy as np
+import pytest
+
+from pitmpi.cli import main
+from pitmpi.parallel.comm import run_emulated
+
+
+def npz_file(tmp_path, **change):
+    arrays = {"x_train": np.zeros((40, 2)), "y_train": np.arange(40) % 2,
+              "x_test": np.zeros((10, 2)), "y_test": np.arange(10) % 2}
+    arrays.update(change)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def text_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# (argv after "train", expected text in the message); "{tmp}" is the test folder
+CASES = {
+    "unknown key": (["--set", "model.layerz=3"], "unknown key model.layerz; allowed in [model]"),
+    "unknown section": (["--set", "modl.layers=3"], "unknown section [modl]; allowed: data, model"),
+    "zero layers": (["--set", "model.layers=0"], "model.layers = 0 is not allowed; expected an integer >= 1"),
+    "fractional layers": (["--set", "model.layers=2.5"], "model.layers = 2.5 is not allowed"),
+    "negative width": (["--set", "model.width=-4"], "model.width = -4 is not allowed; expected an integer >= 1"),
+    "zero T": (["--set", "model.T=0"], "model.T = 0 is not allowed; expected a number > 0.0"),
+    "unknown scheme": (["--set", "model.scheme=rk4"], "model.scheme = 'rk4' is not allowed; expected one of 'euler', 'verlet'"),
+    "unknown dtype": (["--set", "model.dtype=float16"], "model.dtype = 'float16' is not allowed"),
+    "zero lr": (["--set", "train.lr=0"], "train.lr = 0 is not allowed; expected a number > 0.0"),
+    "negative lr": (["--set", "train.lr=-0.1"], "train.lr = -0.1 is not allowed"),
+    "text lr": (["--set", "train.lr=fast"], "train.lr = 'fast' is not allowed; expected a number"),
+    "momentum above 1": (["--set", "train.momentum=1.5"], "train.momentum = 1.5 is not allowed"),
+    "negative epochs": (["--set", "train.epochs=-3"], "train.epochs = -3 is not allowed"),
+    "zero batch": (["--set", "train.batch_size=0"], "train.batch_size = 0 is not allowed"),
+    "batch above samples": (["--set", "train.batch_size=100000"], "larger than the 513 training samples"),
+    "unknown method": (["--set", "train.method=sgd"], "train.method = 'sgd' is not allowed; expected one of 'serial'"),
+    "coarse factor 1": (["--set", "coarse.factor=1"], "coarse.factor = 1 is not allowed; expected an integer >= 2"),
+    "layers off the coarse grid": (["--set", "model.layers=7"], "model.layers = 7 is not a multiple of coarse.factor = 2"),
+    "more blocks than layers": (["--set", "model.layers=2", "--set", "coarse.factor=2"],
+                                "cannot be split into 2 blocks"),
+    "serial on 2 ranks": (["--set", "train.method=serial"], "runs on one rank, but this job has 2"),
+    "forgetting zero": (["--set", "regression.forgetting=0"], "regression.forgetting = 0 is not allowed; expected a number > 0.0"),
+    "unknown features": (["--set", "regression.features=poly"], "regression.features = 'poly' is not allowed"),
+    "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
+    "override without =": (["--set", "justtext"], "expected section.key=value"),
+    "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),
+    "mnist dir missing": (["--set", "data.name=mnist", "--set", "data.path=/nonexistent/dir"],
+                          "data.path '/nonexistent/dir' is not a directory"),
+    "npz missing": (["--set", "data.name=npz", "--set", "data.path=/nonexistent.npz"], "/nonexistent.npz: file not found"),
+    "npz NaN features": (lambda t: ["--set", "data.name=npz", "--set",
+                                    "data.path=" + npz_file(t, x_train=np.full((40, 2), np.nan))],
+                         "x_train holds NaN or Inf"),
+    "npz negative labels": (lambda t: ["--set", "data.name=npz", "--set",
+                                       "data.path=" + npz_file(t, y_test=-np.ones(10, int))],
+                            "y_test holds negative labels"),
+    "npz label count": (lambda t: ["--set", "data.name=npz", "--set",
+                                   "data.path=" + npz_file(t, y_train=np.zeros(39, int))],
+                        "y_train has shape (39,); expected (40,)"),
+    "npz empty split": (lambda t: ["--set", "data.name=npz", "--set",
+                                   "data.path=" + npz_file(t, x_test=np.zeros((0, 2)), y_test=np.zeros(0, int))],
+                        "x_test has shape (0, 2)"),
+    "npz missing key": (lambda t: ["--set", "data.name=npz", "--set",
+                                   "data.path=" + npz_file(t, y_test=None)], "missing key(s) y_test"),
+    "npz not a zip": (lambda t: ["--set", "data.name=npz", "--set",
+                                 "data.path=" + text_file(t, "x.npz", "hello")], "not a readable .npz file"),
+    "config not TOML": (lambda t: [text_file(t, "c.toml", "[model\nlayers = 3\n")], "not valid TOML"),
+    "config missing": (lambda t: [str(t / "none.toml")], "config file not found"),
+    "config key typo": (lambda t: [text_file(t, "c.toml", "[model]\nsheme = 'euler'\n")], "unknown key model.sheme"),
+    "config value as section": (lambda t: [text_file(t, "c.toml", "model = 3\n")], "model must be a section"),
+    "output is a directory": (lambda t: ["--out", str(t)], "is a directory; name an .h5 file"),
+    "output under a file": (lambda t: ["--out", text_file(t, "f", "") + "/x.h5"], "is not a directory"),
+    "resume missing": (lambda t: ["--resume", str(t / "none.h5")], "checkpoint file not found"),
+    "resume not HDF5": (lambda t: ["--resume", text_file(t, "r.h5", "text")], "not a readable HDF5 file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(tmp_path, capsys, case):
+    argv, message = CASES[case]
+    argv = argv(tmp_path) if callable(argv) else argv
+    out = tmp_path / "out.h5"
+    if "--out" not in argv and "--resume" not in argv:
+        argv = argv + ["--out", str(out)]
+    codes = run_emulated(2, lambda comm: main(["train", "--quiet", *argv], comm=comm))
+    assert codes == [2, 2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pitmpi: error: ") and message in err[0], err[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*.h5") if p.name not in ("r.h5",)]
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
