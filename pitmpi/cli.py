@@ -101,6 +101,8 @@ def prepare(args, comm, log):
     d = cfg["data"]
     data = data_mod.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"])
     trainer = make_trainer(comm, cfg, data, log)
+    # keep one copy of the features: the trainer's, in the network's dtype
+    data.x_train, data.x_val = trainer.x_train, trainer.x_val
     return cfg, data, trainer, ckpt
 
 
@@ -179,7 +181,7 @@ def main(argv=None, comm=None):
             comm.abort(2)
         return 2
     except Diverged as e:
-        print(f"pitmpi: {e}", file=sys.stderr)
+        sys.stderr.write(f"pitmpi: {e}\n")  # one write: ranks' lines do not interleave
         if debug:
             traceback.print_exc()
         if comm.size > 1:
@@ -189,7 +191,7 @@ def main(argv=None, comm=None):
     except Exception as e:  # noqa: BLE001 - any failure must end every rank
         if comm.size > 1:
             sys.stderr.write(f"pitmpi: rank {comm.rank} of {comm.size} failed: "
-                             f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                             f"{type(e).__name__}: {e}\n{traceback.format_exc()}\n")
             sys.stderr.flush()
             comm.abort(1)
         raise

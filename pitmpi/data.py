@@ -48,17 +48,32 @@ class Dataset:
                 f"{self.n_features} features, {self.n_classes} classes")
 
 
-def standardise(x_train, x_val):
+def standardise(x_train, x_val, chunk=8192):
     """Centre and scale both splits with the training mean and std (per feature;
-    constant features are only centred)."""
+    constant features are only centred).  In place (float arrays), in chunks
+    of rows, so that no full-size temporary is made."""
     mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
+    x_train -= mean
+    x_val -= mean
+    var = np.zeros_like(mean)
+    for i in range(0, len(x_train), chunk):
+        part = x_train[i:i + chunk]
+        var += np.einsum("ij,ij->j", part, part)
+    std = np.sqrt(var / max(len(x_train), 1))
     std[std == 0] = 1.0
-    return (x_train - mean) / std, (x_val - mean) / std
+    x_train /= std
+    x_val /= std
+    return x_train, x_val
 
 
 def _finish(name, xt, yt, xv, yv, n_classes=None):
-    xt, xv = standardise(np.asarray(xt, dtype=np.float64), np.asarray(xv, dtype=np.float64))
+    xt = np.array(xt, dtype=np.float64, copy=None, order="C")
+    xv = np.array(xv, dtype=np.float64, copy=None, order="C")
+    if not xt.flags.writeable or xt.base is not None:
+        xt = xt.copy()
+    if not xv.flags.writeable or xv.base is not None:
+        xv = xv.copy()
+    xt, xv = standardise(xt, xv)
     yt = np.asarray(yt, dtype=np.int64)
     yv = np.asarray(yv, dtype=np.int64)
     if n_classes is None:

@@ -36,6 +36,18 @@ def _pyplot():
     return plt
 
 
+def smooth(values, window):
+    """Moving mean over ``window`` samples, ignoring NaN (same length)."""
+    if window <= 1:
+        return values
+    ok = np.isfinite(values)
+    kernel = np.ones(window)
+    num = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    den = np.convolve(ok.astype(float), kernel, mode="same")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
 def stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
@@ -71,15 +83,17 @@ def write_plots(paths, folder):
 
     pit = [r for r in runs if "regression_mse" in r.history and r.history["regression_mse"].size]
     if pit:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
         for run in pit:
             mse = run.history["regression_mse"]
+            window = max(1, len(mse) // 100)  # moving mean, so that long runs stay readable
             for j in range(mse.shape[1]):
-                ax.semilogy(np.arange(len(mse)), mse[:, j],
-                            label=f"{stem(run.path)} ({run.label}), boundary {j + 1}", lw=0.8)
+                curve = smooth(mse[:, j], window)
+                ax.semilogy(np.arange(len(curve)), curve, lw=0.9,
+                            label=f"{stem(run.path)} ({run.label}), boundary {j + 1}")
         ax.set(xlabel="iteration", ylabel="regression MSE of per-sample co-states",
-               title="co-state prediction error (paper Fig. 3)")
-        ax.legend(fontsize=7)
+               title="co-state prediction error (paper Fig. 3; moving mean over 1 % of the run)")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save(fig, "regression_mse.png")
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * sum(r.ranks for r in runs)), 4.5))

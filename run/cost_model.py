@@ -119,7 +119,8 @@ def predict(k, L, n, N, iterations, coarse_iters, factor):
     T1 = L * layer + k["open"] + k["cls"]
     TN = T1 / N + (2 * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
     TD = L * (k["a"] + k["b"] * n / N) + (k["open"] + k["cls"]) / N + (k["t_red"] if N > 1 else 0)
-    C = coarse_iters * ((L // factor) * (k["a"] + k["b"] * n / N) + (k["t_red"] if N > 1 else 0))
+    # with one rank pit is serial: no coarse phase
+    C = coarse_iters * ((L // factor) * (k["a"] + k["b"] * n / N) + k["t_red"]) if N > 1 else 0.0
     return {"T1": T1, "pit_iter": TN, "pit_eff_iter": T1 / (N * TN),
             "pit_eff_run": iterations * T1 / (N * (C + iterations * TN)),
             "dp_eff": T1 / (N * TD)}

@@ -39,6 +39,7 @@ def test_divergence_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, size, 
     err = capsys.readouterr().err
     assert "pitmpi: training diverged on rank" in err
     assert "(epoch 2)" in err and "try a smaller train.lr (now 1e+06)" in err
+    assert f"the checkpoint of epoch 1 in {path} is kept" in err
     assert path.read_bytes() == good  # the last good checkpoint is untouched
     assert Checkpoint(str(path)).epochs_done == 1
 
@@ -92,6 +93,7 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
     finally:
         if job.poll() is None:
             job.kill()
+    print(f"job ended {ended:.2f} s after SIGKILL of rank 1, exit code {job.returncode}")
     assert job.returncode != 0
     assert ended < 30, f"job took {ended:.1f} s to end after the kill"
     done = Checkpoint(str(path)).epochs_done

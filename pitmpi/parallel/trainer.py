@@ -105,7 +105,8 @@ class Trainer:
         self.y_val = data.y_val
         self.seconds = {"compute": 0.0, "regression": 0.0, "coarse": 0.0}
         self.exact_resume = False
-        self.last_checkpoint = 0  # epoch of the last checkpoint written this run
+        self.last_checkpoint = 0  # epoch of the last complete checkpoint, and its file
+        self.checkpoint_path = None
         self.extra_history = {}
 
     # hooks ------------------------------------------------------------
@@ -210,6 +211,7 @@ class Trainer:
             self.record_epoch(epoch, correct, count, epoch_seconds)
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
                 self.last_checkpoint = epoch + 1
+                self.checkpoint_path = self.cfg["output"]["path"]
                 result = self.snapshot(epoch + 1)
                 if comm.rank == 0 and save is not None:
                     save(result)
@@ -224,7 +226,7 @@ class Trainer:
         a, b = self.layer_range()
         t = self.cfg["train"]
         m = self.cfg["model"]
-        kept = (f"the checkpoint of epoch {self.last_checkpoint} in {self.cfg['output']['path']} "
+        kept = (f"the checkpoint of epoch {self.last_checkpoint} in {self.checkpoint_path} "
                 "is kept" if self.last_checkpoint else
                 "no checkpoint was written this run (output.checkpoint_every = K writes one "
                 "every K epochs)")
@@ -264,6 +266,7 @@ class Trainer:
         for k in EPOCH_HISTORY:
             self.hist[k] = list(ckpt.history[k][:first])
         self.samples = ckpt.samples
+        self.last_checkpoint, self.checkpoint_path = first, ckpt.path
         self.exact_resume = ckpt.exact(self.method, self.comm.size, self.result_extra()[0].get("partition"))
         if self.exact_resume:
             self.before = ckpt.rank_times(self.comm.rank)
