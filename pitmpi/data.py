@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -210,6 +211,9 @@ def npz(path):
         raise DataError("data.path must name the .npz file for data.name = 'npz'")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz file (not a zip archive; write it with "
+                        "numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]

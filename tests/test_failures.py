@@ -103,3 +103,23 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert Checkpoint(str(path)).epochs_done == done + 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "train.method=serial"], "runs on one rank, but this job has 2"),
+    (["--set", "model.layers=2"], "cannot be split into 2 blocks"),
+    (["--set", "train.lr=0"], "train.lr = 0 is not allowed"),
+    (["--resume", "/nonexistent/x.h5"], "checkpoint file not found"),
+])
+def test_bad_input_under_mpiexec_ends_every_rank(tmp_path, argv, message):
+    """Real MPI, 2 processes: exit code 2, one error line, no output file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    launcher = os.environ.get("PITMPI_TEST_MPIEXEC", "mpiexec")
+    out = tmp_path / "o.h5"
+    r = subprocess.run([launcher, "-n", "2", sys.executable, "-m", "pitmpi", "train", "--quiet",
+                        "--out", str(out), *argv], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pitmpi: error: ") and message in lines[0], lines
+    assert not out.exists()
