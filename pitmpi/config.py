@@ -102,7 +102,7 @@ SCHEMA = {
         "levels": Key("int", 2, "2: global prediction on a coarse model first; "
                                 "1: single-level (no coarse phase)", choices=(1, 2)),
         "factor": Key("int", 2, "coarsening factor c (coarse model has L / c layers)", minimum=2),
-        "iterations": Key("int", 300, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
+        "iterations": Key("int", 600, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
         "lr": Key("float", 0.0, "coarse learning rate (0: train.lr)", minimum=0.0),
         "prolongation": Key("str", "constant", "coarse-to-fine control transfer",
                             choices=("constant", "linear")),
