@@ -208,6 +208,7 @@ class Trainer:
             epoch_seconds = time.perf_counter() - t0
             self.session_wall += epoch_seconds
             self.samples += B * self.batches.batch_size
+            waited = comm.wait_seconds  # waits in evaluation and checkpoints are not training
             self.record_epoch(epoch, correct, count, epoch_seconds)
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
                 self.last_checkpoint = epoch + 1
@@ -215,6 +216,7 @@ class Trainer:
                 result = self.snapshot(epoch + 1)
                 if comm.rank == 0 and save is not None:
                     save(result)
+            comm.wait_seconds = waited
         return self.snapshot(self.epochs)
 
     def layer_range(self):
@@ -298,11 +300,12 @@ class Trainer:
     def snapshot(self, epochs_done):
         """Collective: the run so far as a :class:`Result` (a complete checkpoint) on rank 0."""
         comm = self.comm
+        waited = comm.wait_seconds  # before the gathers below, which are not training
         k_done = epochs_done * self.batches.per_epoch
         per_iter = comm.gather(self.loss_parts[:k_done])
         params = self.gather_params()
         velocity = self.gather_full(self.opt.velocity)
-        now = {"comm_wait": comm.wait_seconds, "regression": self.seconds["regression"],
+        now = {"comm_wait": waited, "regression": self.seconds["regression"],
                "coarse": self.seconds["coarse"]}
         now["compute"] = max(self.session_wall - sum(now.values()), 0.0)
         rank_times = comm.gather(tuple(self.before[k] + now[k] for k in RANK_TIMES)
