@@ -75,6 +75,8 @@ class Run:
 
 def load(path):
     """Read one output file as a :class:`Run`; UserError naming the file if it cannot."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; name .h5 output files")
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     try:

@@ -66,3 +66,7 @@ def test_report_errors(tmp_path, capsys):
     assert "not a readable pitmpi output file" in capsys.readouterr().err
     assert report([str(tmp_path / "none.h5")]) == 2
     assert "file not found" in capsys.readouterr().err
+    assert report([str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert report([str(bad), "--target", "1.5"]) == 2
+    assert "--target 1.5: expected a validation accuracy" in capsys.readouterr().err
