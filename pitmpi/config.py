@@ -108,6 +108,10 @@ SCHEMA = {
                             choices=("constant", "linear")),
         "warmup": Key("str", "coarse", "what rank r does in the first r iterations, before its "
                                        "first state arrives", choices=("coarse", "wait")),
+        "parallel": Key("str", "rank0", "who trains the coarse model: rank 0 alone while the "
+                                        "others wait (rank0, the paper's global prediction), or "
+                                        "every rank on a share of each batch (data-parallel)",
+                        choices=("rank0", "data-parallel")),
     },
     "regression": {
         "features": Key("str", "per-class", "regression features: [x, 1] (state), "

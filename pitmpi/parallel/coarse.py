@@ -7,12 +7,13 @@ boundary come out of each step; those pairs seed each boundary's regression
 (the paper's information set ``I_0``).  Its controls are then prolonged to
 the fine grid.
 
-The paper trains the coarse model on rank 0 alone, which leaves the other
-ranks idle: the serial fraction that caps the speed-up.  Here every rank
-takes a contiguous share of each coarse batch and the gradients are summed
-with one ``Allreduce`` (``data-parallel`` on the coarse model): the iterates
-are the serial ones up to rounding, and each rank's regression pairs are
-summed into the normal equations at the end.
+By default (``coarse.parallel = "rank0"``) rank 0 trains the coarse model
+alone, as in the paper, while the other ranks wait: the serial fraction that
+caps the speed-up.  With ``"data-parallel"`` every rank takes a contiguous
+share of each coarse batch and the gradients are summed with one
+``Allreduce``: the iterates are the serial ones up to rounding, and each
+rank's regression pairs are summed into the normal equations at the end.
+Either way this function receives the communicator of the ranks that train.
 """
 import numpy as np
 

@@ -30,6 +30,15 @@ from .partition import regression_cost
 from .regression import CostateRegression, prediction_errors
 
 
+class _Alone:
+    """The communicator of a computation that one rank does by itself."""
+
+    rank, size = 0, 1
+
+
+ALONE = _Alone()
+
+
 class PitTrainer(BlockTrainer):
     method = "pit"
 
@@ -72,11 +81,14 @@ class PitTrainer(BlockTrainer):
             return
         payload = None
         t = time.perf_counter()
-        self.log.info("global prediction: coarse model of %d layers, data-parallel on %d ranks",
-                      self.net.layers // self.cfg["coarse"]["factor"], comm.size)
-        fine, reg_states, warm, info = coarse_phase(
-            comm, self.net, self.cfg, self.batches, self.x_train, self.y_train, self.bounds,
-            self.log)
+        shared = self.cfg["coarse"]["parallel"] == "data-parallel"
+        self.log.info("global prediction: coarse model of %d layers, %s",
+                      self.net.layers // self.cfg["coarse"]["factor"],
+                      f"data-parallel on {comm.size} ranks" if shared else "on rank 0")
+        if shared or comm.rank == 0:
+            fine, reg_states, warm, info = coarse_phase(
+                comm if shared else ALONE, self.net, self.cfg, self.batches, self.x_train,
+                self.y_train, self.bounds, self.log)
         if comm.rank == 0:
             self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
                           time.perf_counter() - t, info["iterations"], info["final_loss"])
@@ -85,8 +97,10 @@ class PitTrainer(BlockTrainer):
                 blk = self.net.block(self.bounds[r], self.bounds[r + 1])
                 payload.append((blk.local_params(fine),
                                 reg_states[r] if r < comm.size - 1 else None, warm[r]))
+        waited = comm.wait_seconds
         params, reg_state, self.warm_state = comm.scatter(payload)
-        self.seconds["coarse"] = time.perf_counter() - t - comm.wait_seconds
+        if shared or comm.rank == 0:  # the others' time here is waiting for rank 0
+            self.seconds["coarse"] = time.perf_counter() - t - waited
         self.use_local_params(params)
         if reg_state is not None:
             self.reg.load_state(reg_state)

@@ -53,7 +53,7 @@ def test_exact_methods_match_serial(method, scheme):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("overrides", [[], ["coarse.levels=1", "model.scheme=euler"],
-                                        ["coarse.warmup=wait"]])
+                                        ["coarse.warmup=wait"], ["coarse.parallel=data-parallel"]])
 def test_pit_emulated_equals_mpi_bitwise(overrides):
     res = train_mpi(["train.method=pit"] + overrides)
     comm = world()
