@@ -107,7 +107,7 @@ class Checkpoint:
                 "regression": float(self.timing["rank_regression"][rank]),
                 "coarse": float(self.timing["coarse_wall"][rank])}
 
-    def resume_config(self, overrides=(), out=None):
+    def resume_config(self, overrides=()):
         """The checkpoint's config with ``overrides`` applied, checked for resumability.
 
         The output path defaults to the checkpoint file itself, so a batch job
@@ -117,8 +117,6 @@ class Checkpoint:
                                origin=f"{self.path} (config attribute)")
         if not any(o.split("=", 1)[0].strip() == "output.path" for o in overrides):
             cfg["output"]["path"] = self.path
-        if out:
-            cfg["output"]["path"] = out
         for section, key in FIXED_KEYS:
             old, new = self.config[section][key], cfg[section][key]
             if old != new:

@@ -89,7 +89,7 @@ def prepare(args, comm, log):
                             f"{args.resume}, not both: a resumed run takes its config from the "
                             "checkpoint, changed only by --set")
         ckpt = Checkpoint(args.resume)
-        cfg = ckpt.resume_config(args.overrides, args.out)
+        cfg = ckpt.resume_config(args.overrides)
     else:
         cfg = config_mod.load(args.config, args.overrides)
     if args.out:

@@ -83,8 +83,9 @@ class CostateRegression:
         if self.groups == 1:
             return None, [(0, slice(0, n))]
         order = np.argsort(y, kind="stable")
-        ends = np.cumsum(np.bincount(y, minlength=self.groups))
-        starts = ends - np.bincount(y, minlength=self.groups)
+        counts = np.bincount(y, minlength=self.groups)
+        ends = np.cumsum(counts)
+        starts = ends - counts
         return order, [(g, slice(a, b)) for g, (a, b) in enumerate(zip(starts, ends)) if b > a]
 
     def add(self, x, y, lam, refit=True, n=None):
