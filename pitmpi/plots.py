@@ -97,7 +97,7 @@ def write_plots(paths, folder):
         save(fig, "regression_mse.png")
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * sum(r.ranks for r in runs)), 4.5))
-    x, ticks, bottom = 0, [], None
+    x, ticks = 0, []
     colors = ["tab:blue", "tab:red", "tab:green", "tab:orange"]
     for run in runs:
         for r in range(run.ranks):

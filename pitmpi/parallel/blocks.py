@@ -97,6 +97,8 @@ class BlockTrainer(Trainer):
                 correct += c
         return loss, correct
 
+    def partition(self):
+        return np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)
+
     def result_extra(self):
-        part = np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)
-        return {"partition": part}, {}
+        return {"partition": self.partition()}, {}

@@ -82,7 +82,8 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     Returns
     -------
     fine_params : dict
-        Prolonged full fine parameters (on every rank).
+        Prolonged full fine parameters.  On ranks other than 0 of ``comm``
+        every return value is None.
     regression_states : list of tuple
         ``CostateRegression.state()`` for each internal boundary ``s_1..s_{N-1}``.
     warm_states : list of ndarray or None

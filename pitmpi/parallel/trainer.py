@@ -103,11 +103,10 @@ class Trainer:
         self.y_train = data.y_train
         self.x_val = np.ascontiguousarray(data.x_val, dtype=self.net.dtype)
         self.y_val = data.y_val
-        self.seconds = {"compute": 0.0, "regression": 0.0, "coarse": 0.0}
+        self.seconds = {"regression": 0.0, "coarse": 0.0}
         self.exact_resume = False
         self.last_checkpoint = 0  # epoch of the last complete checkpoint, and its file
         self.checkpoint_path = None
-        self.extra_history = {}
 
     # hooks ------------------------------------------------------------
     def setup(self):
@@ -149,8 +148,13 @@ class Trainer:
         return {}
 
     def resume(self, ckpt):
-        """Continue from a :class:`~pitmpi.checkpoint.Checkpoint` instead of ``setup``."""
+        """Continue from a :class:`~pitmpi.checkpoint.Checkpoint` instead of
+        ``setup`` (the method's part; :meth:`restore` has done the history)."""
         self.start(ckpt.params, ckpt.velocity)
+
+    def partition(self):
+        """Layer range ``[a, b)`` of each rank, shape (ranks, 2); None without blocks."""
+        return None
 
     def result_extra(self):
         """Method-specific root datasets and attributes: ``(extra, attrs)``."""
@@ -226,7 +230,6 @@ class Trainer:
     def diverged(self, what, k, epoch):
         """Raise :class:`Diverged` for ``what`` found at iteration ``k``."""
         a, b = self.layer_range()
-        t = self.cfg["train"]
         m = self.cfg["model"]
         kept = (f"the checkpoint of epoch {self.last_checkpoint} in {self.checkpoint_path} "
                 "is kept" if self.last_checkpoint else
@@ -269,7 +272,7 @@ class Trainer:
             self.hist[k] = list(ckpt.history[k][:first])
         self.samples = ckpt.samples
         self.last_checkpoint, self.checkpoint_path = first, ckpt.path
-        self.exact_resume = ckpt.exact(self.method, self.comm.size, self.result_extra()[0].get("partition"))
+        self.exact_resume = ckpt.exact(self.method, self.comm.size, self.partition())
         if self.exact_resume:
             self.before = ckpt.rank_times(self.comm.rank)
         self.resume(ckpt)
