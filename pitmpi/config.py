@@ -123,8 +123,13 @@ SCHEMA = {
                           minimum=0.0, maximum=1.0, strict_min=True),
         "pairs_per_batch": Key("int", 0, "add only the first k (state, co-state) pairs of each "
                                          "batch to the regression (0: all)", minimum=0),
+        "delay": Key("int", 0, "iterations by which a co-state may join the regression late: "
+                               "0 is the paper's schedule (blocking Sendrecv); d > 0 exchanges "
+                               "without blocking and lets each rank run up to d iterations "
+                               "ahead of its right neighbour", minimum=0),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
-                                     "(pairs are always added)", minimum=1),
+                                     "(per-class: the classes' refits spread over those k "
+                                     "arrivals; pairs are always added)", minimum=1),
     },
     "output": {
         "path": Key("str", "results/run.h5", "HDF5 output file"),

@@ -11,7 +11,7 @@ Layout (one file, written by rank 0, readable with plain h5py)::
                           rank_regression, coarse_wall, rank_peak_memory (per rank)
     /<extra>              e.g. partition (ranks x 2): layer range per rank
     /checkpoint/velocity/<name>      optimizer state, same shapes as params
-    /checkpoint/regression/<layer>/  G, H, theta, pairs of the boundary at <layer>
+    /checkpoint/regression/<layer>/  G, H, theta, pairs, held_* of the boundary at <layer>
     /checkpoint/rank/<r>/            rank r's pipeline state (pit), for an
                                      exact resume on the same number of ranks
 

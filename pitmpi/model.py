@@ -11,8 +11,9 @@ Parameter names (DESIGN §2): ``open.K (w, d)``, ``open.b (w,)``,
 """
 import numpy as np
 
-from .kernels import (ACTIVATIONS, SCHEMES, Activation, classifier_loss_and_grad,
+from .kernels import (ACTIVATIONS, SCHEMES, Activation, Workspace, classifier_loss_and_grad,
                       opening_backward, opening_forward, scores)
+from .kernels.workspace import scratch
 
 PARAM_NAMES = ("open.K", "open.b", "K", "b", "cls.W", "cls.b")
 OPENING = ("open.K", "open.b")
@@ -78,6 +79,7 @@ class ResNet:
         self.dtype = DTYPES[dtype]
         self.store_trajectory = bool(store_trajectory)
         self.state_width = self.scheme.state_width(self.width)
+        self._full = None  # the reusing whole-network block of loss_and_grad
 
     def __repr__(self):
         return (f"ResNet({self.scheme_name!r}, n_features={self.n_features}, width={self.width}, "
@@ -122,13 +124,13 @@ class ResNet:
         }
         return {k: v.astype(self.dtype) for k, v in p.items()}
 
-    def block(self, a, b):
+    def block(self, a, b, reuse=False):
         """The block of layers ``[a, b)``; see :class:`Block`."""
-        return Block(self, a, b)
+        return Block(self, a, b, reuse)
 
-    def full(self):
+    def full(self, reuse=False):
         """The whole network as one block."""
-        return Block(self, 0, self.layers)
+        return Block(self, 0, self.layers, reuse)
 
     def loss_and_grad(self, params, X, y):
         """Loss (with weight decay) and its gradient.
@@ -144,12 +146,15 @@ class ResNet:
         loss : float
         grads : dict of str to ndarray, same keys and shapes as ``params``
         """
-        blk = self.full()
+        if self._full is None:
+            self._full = self.full(reuse=True)
+        blk = self._full
         X = np.asarray(X, dtype=self.dtype)
         ctx = blk.forward(params, X)
         _, grads, (loss, _) = blk.backward(params, ctx, y=np.asarray(y), n_norm=len(y))
         blk.add_decay_grad(params, grads)
-        return loss + blk.decay(params), grads
+        # the block reuses its arrays; the caller owns what it gets
+        return loss + blk.decay(params), {k: np.array(v) for k, v in grads.items()}
 
     def predict(self, params, X, chunk=8192):
         """Class scores, shape (n, c), for ``X`` (n, d), in chunks of rows."""
@@ -170,12 +175,20 @@ class Block:
     net : ResNet
     a, b : int
         ``0 <= a < b <= L``.
+    reuse : bool
+        Keep the trajectory, scratch arrays and gradients in a
+        :class:`~pitmpi.kernels.Workspace` reused by every call: much faster
+        for a training loop (no fresh pages each iteration), but a
+        :class:`BlockForward` is then valid only until the next
+        :meth:`forward` and the gradients only until the next
+        :meth:`backward`.  With False every call allocates anew.
     """
 
-    def __init__(self, net, a, b):
+    def __init__(self, net, a, b, reuse=False):
         if not 0 <= a < b <= net.layers:
             raise ValueError(f"block [{a}, {b}) is not inside [0, {net.layers})")
         self.net, self.a, self.b = net, int(a), int(b)
+        self.ws = Workspace() if reuse else None
         self.first = self.a == 0
         self.last = self.b == net.layers
         self.param_names = ((OPENING if self.first else ()) + LAYERS
@@ -203,8 +216,10 @@ class Block:
             Features ``X`` (n, d) if the block is first, else the state at
             ``a``, shape (n, state_width).
         store : bool, optional
-            Keep the trajectory for the adjoint (default: the network's
-            ``store_trajectory``; Euler always stores).
+            Keep what the adjoint needs (default); False keeps only the
+            output (evaluation).  Verlet with ``store_trajectory = False``
+            keeps only the output either way and rebuilds the states in the
+            adjoint.
 
         Returns
         -------
@@ -212,7 +227,9 @@ class Block:
             ``.output`` is the state at ``b``, shape (n, state_width).
         """
         net = self.net
-        store = net.store_trajectory if store is None else store
+        if store is None:
+            store = net.store_trajectory or net.scheme_name != "verlet"
+        ws = self.ws if store else None  # evaluation chunks: no big arrays kept
         S0 = None
         if self.first:
             S0 = opening_forward(params["open.K"], params["open.b"], inp, net.act)
@@ -221,7 +238,7 @@ class Block:
                 x = np.hstack([S0, np.zeros_like(S0)])
         else:
             x = inp
-        traj = net.scheme.forward(params["K"], params["b"], net.h, x, net.act, store=store)
+        traj = net.scheme.forward(params["K"], params["b"], net.h, x, net.act, store=store, ws=ws)
         return BlockForward(inp, S0, traj)
 
     def scores(self, params, ctx):
@@ -271,13 +288,15 @@ class Block:
                 lam_out = lamY
         elif lam_out is None:
             raise ValueError(f"{self!r} is not last: it needs the co-state at its right end")
-        K = params["K"]
-        gK = np.empty_like(K)
-        gb = np.empty_like(params["b"])
-        lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb)
+        K, ws, dt = params["K"], self.ws, net.dtype
+        gK = scratch(ws, "gK", K.shape, dt)
+        gb = scratch(ws, "gb", params["b"].shape, dt)
+        lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb, ws)
         grads["K"], grads["b"] = gK, gb
         if self.first:
-            grads["open.K"], grads["open.b"] = opening_backward(ctx.inp, ctx.S0, lam_in[:, :w], net.act)
+            grads["open.K"], grads["open.b"] = opening_backward(
+                ctx.inp, ctx.S0, lam_in[:, :w], net.act,
+                out=scratch(ws, "gKo", params["open.K"].shape, dt))
             lam_in = None
         return lam_in, grads, stats
 
@@ -299,7 +318,9 @@ class Block:
             return grads
         for name in self.param_names:
             scale = beta * self.net.h if name in LAYERS else beta
-            grads[name] += scale * params[name]
+            p = params[name]
+            tmp = scratch(self.ws, "decay." + name, p.shape, p.dtype)
+            grads[name] += np.multiply(p, scale, out=tmp)
         return grads
 
 

@@ -20,6 +20,7 @@ class SGD:
     def __init__(self, params, momentum):
         self.momentum = float(momentum)
         self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
+        self._step = {k: np.empty_like(v) for k, v in params.items()}
 
     def step(self, params, grads, lr):
         """Update ``params`` in place from ``grads`` with learning rate ``lr``."""
@@ -27,7 +28,7 @@ class SGD:
             v = self.velocity[name]
             v *= self.momentum
             v += g
-            params[name] -= lr * v
+            params[name] -= np.multiply(v, lr, out=self._step[name])
 
 
 class Schedule:

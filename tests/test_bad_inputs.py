@@ -49,6 +49,7 @@ CASES = {
     "serial on 2 ranks": (["--set", "train.method=serial"], "runs on one rank, but this job has 2"),
     "forgetting zero": (["--set", "regression.forgetting=0"], "regression.forgetting = 0 is not allowed; expected a number > 0.0"),
     "unknown features": (["--set", "regression.features=poly"], "regression.features = 'poly' is not allowed"),
+    "negative delay": (["--set", "regression.delay=-1"], "regression.delay = -1 is not allowed; expected an integer >= 0"),
     "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
     "override without =": (["--set", "justtext"], "expected section.key=value"),
     "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),

@@ -38,7 +38,10 @@ def assert_same_run(a, b):
 CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
          (2, "pit", []), (3, "pit", ["--set", "regression.refit_every=3"]),
          (3, "pit", ["--set", "coarse.warmup=wait", "--set", "model.scheme=euler"]),
-         (2, "pit", ["--set", "coarse.levels=1"])]
+         (2, "pit", ["--set", "coarse.levels=1"]),
+         (2, "pit", ["--set", "regression.delay=1"]),
+         (3, "pit", ["--set", "regression.delay=2", "--set", "regression.refit_every=4",
+                     "--set", "regression.features=per-class"])]
 
 
 @pytest.mark.parametrize("size,method,extra", CASES)

@@ -86,3 +86,30 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert r.stderr.strip() == ("pitmpi: error: model.width = -1 is not allowed; "
                                 "expected an integer >= 1")
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_several_ranks_share_the_cores_among_their_blas_threads(monkeypatch):
+    import logging
+    import os
+    from threadpoolctl import threadpool_info
+    from pitmpi.cli import THREAD_VARIABLES, share_cores
+
+    class FourRanksHere:
+        size = 4
+
+        def local_size(self):
+            return 4
+
+    log = logging.getLogger("test")
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    limiter = share_cores(FourRanksHere(), log)
+    try:
+        blas = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        cores = os.cpu_count()
+        mine = len(os.sched_getaffinity(0))
+        assert blas and max(blas) == (mine if mine < cores else max(1, cores // 4))
+    finally:
+        limiter.restore_original_limits()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
+    assert share_cores(FourRanksHere(), log) is None

@@ -89,6 +89,32 @@ def test_blocks_compose_to_full_sweep(scheme):
     assert lam_a.shape == (6, net.state_width)
 
 
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+@pytest.mark.parametrize("store", [True, False])
+def test_reused_buffers_give_the_same_results(scheme, store):
+    net = ResNet(scheme, 3, 5, 6, 3, T=2.0, weight_decay=0.01, store_trajectory=store)
+    params = perturbed_params(net, 5)
+    rng = np.random.default_rng(6)
+    fresh, reused = net.full(), net.full(reuse=True)
+    for n in (7, 7, 4):  # same shape twice (buffers reused), then a new one
+        X, y = rng.standard_normal((n, 3)), rng.integers(0, 3, n)
+        _, g_f, (l_f, _) = fresh.backward(params, fresh.forward(params, X), y=y)
+        _, g_r, (l_r, _) = reused.backward(params, reused.forward(params, X), y=y)
+        assert l_f == l_r
+        for k in g_f:
+            np.testing.assert_array_equal(g_r[k], g_f[k])
+        # evaluation keeps only the output, the same as the training sweep's
+        np.testing.assert_array_equal(reused.forward(params, X, store=False).output,
+                                      fresh.forward(params, X).output)
+    assert reused.ws.nbytes() > 0 and fresh.ws is None
+    # loss_and_grad hands out gradients that later calls leave alone
+    _, g1 = net.loss_and_grad(params, X, y)
+    keep = {k: v.copy() for k, v in g1.items()}
+    net.loss_and_grad(params, 2 * X, y)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], keep[k])
+
+
 def test_verlet_rebuild_equals_stored():
     net = ResNet("verlet", 4, 6, 40, 3, T=4.0, weight_decay=0.01)
     params = perturbed_params(net, 3)

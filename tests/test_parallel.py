@@ -62,12 +62,25 @@ def test_pit_differs_from_serial_but_has_all_parameters(serial_ref):
 
 @pytest.mark.parametrize("overrides", [[], ["coarse.levels=1"], ["coarse.warmup=wait"],
                                         ["coarse.parallel=data-parallel"],
-                                        ["regression.features=state", "model.scheme=euler"]])
+                                        ["regression.features=state", "model.scheme=euler"],
+                                        ["regression.delay=2"]])
 def test_pit_is_deterministic(overrides):
     a = train(3, ["train.method=pit", "model.layers=12"] + overrides)
     b = train(3, ["train.method=pit", "model.layers=12"] + overrides)
     assert max_param_diff(a.params, b.params) == 0.0
     np.testing.assert_array_equal(a.history["regression_mse"], b.history["regression_mse"])
+
+
+def test_regression_delay_lets_co_states_arrive_later():
+    # delay d: the pair of the batch sent at iteration k - 1 joins at k + d
+    # instead of k; the first iterations agree, later ones differ; it still learns
+    a = train(2, ["train.method=pit", "train.epochs=30"])
+    b = train(2, ["train.method=pit", "train.epochs=30", "regression.delay=1"])
+    mse_a, mse_b = a.history["regression_mse"][:, 0], b.history["regression_mse"][:, 0]
+    np.testing.assert_array_equal(mse_a[1:2], mse_b[1:2])  # the first pair, learnt 1 later
+    assert np.isnan(mse_b[-1]) or mse_b[-1] != mse_a[-1]
+    assert max_param_diff(a.params, b.params) > 1e-6
+    assert abs(a.history["val_acc"][-1] - b.history["val_acc"][-1]) <= 0.05
 
 
 def test_coarse_phase_on_rank0_or_data_parallel_agree():
@@ -130,6 +143,53 @@ def test_per_class_regression_recovers_one_map_per_class():
     again = CostateRegression(3, 3, features="per-class")
     again.load_state(reg.state())
     np.testing.assert_array_equal(again.predict(xt, yt), reg.predict(xt, yt))
+
+
+@pytest.mark.parametrize("features", ["state", "state+label", "per-class"])
+def test_held_pairs_give_the_same_fit_as_adding_one_batch_at_a_time(features):
+    rng = np.random.default_rng(3)
+    eager = CostateRegression(6, 3, features=features, forgetting=0.9)
+    lazy = CostateRegression(6, 3, features=features, forgetting=0.9, buffer_rows=50)
+    for i in range(12):
+        x, y = rng.standard_normal((20, 6)), rng.integers(0, 3, 20)
+        lam = rng.standard_normal((20, 6))
+        eager.add(x, y, lam, refit=True)
+        lazy.add(x, y, lam, refit=(i % 5 == 4))  # held for five batches, some flushed when full
+    lazy.refit()
+    np.testing.assert_allclose(lazy.G, eager.G, rtol=1e-12)
+    np.testing.assert_allclose(lazy.H, eager.H, rtol=1e-12)
+    # (state+label's one-hot columns sum to the bias column: only the ridge
+    # regularises it, so Θ is ill-conditioned there and rounding shows more)
+    np.testing.assert_allclose(lazy.theta, eager.theta, rtol=1e-6, atol=1e-9)
+    xt, yt = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    np.testing.assert_allclose(lazy.predict(xt, yt), eager.predict(xt, yt), rtol=1e-6, atol=1e-9)
+    # in float32 the prediction is computed in float32
+    assert lazy.predict(xt.astype(np.float32), yt).dtype == np.float32
+
+
+def test_held_pairs_travel_with_the_state():
+    rng = np.random.default_rng(4)
+    a = CostateRegression(4, 3, features="per-class")
+    for _ in range(3):
+        a.add(rng.standard_normal((10, 4)), rng.integers(0, 3, 10), rng.standard_normal((10, 4)),
+              refit=False)
+    b = CostateRegression(4, 3, features="per-class")
+    b.load_state(a.state())
+    assert len(a.state()["held_phi"]) == 30
+    x, y, lam = rng.standard_normal((10, 4)), rng.integers(0, 3, 10), rng.standard_normal((10, 4))
+    a.add(x, y, lam, refit=[0, 2])
+    b.add(x, y, lam, refit=[0, 2])
+    np.testing.assert_array_equal(a.theta, b.theta)
+    assert not a.theta[1].any()  # group 1 was not refitted
+
+
+def test_staggered_refits_visit_every_group_once_per_period():
+    reg = CostateRegression(3, 10, features="per-class")
+    seen = [g for a in range(1, 51) for g in reg.due(a, 50)]
+    assert sorted(seen) == list(range(10))
+    assert max(len(reg.due(a, 50)) for a in range(1, 51)) == 1  # spread, never all at once
+    assert reg.due(7, 1) == list(range(10))  # refit_every = 1: all, every time
+    assert CostateRegression(3, 10).due(50, 50) == [0] and CostateRegression(3, 10).due(49, 50) == []
 
 
 def test_regression_forgetting_and_ridge():

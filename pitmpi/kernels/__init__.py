@@ -1,17 +1,19 @@
 """Pure-NumPy forward and adjoint kernels (no MPI here).
 
 ``SCHEMES`` maps a scheme name to its module, each offering ``state_width``,
-``forward(K, b, h, x, act, store)`` and ``backward(K, b, h, traj, lam, act,
-gK, gb)`` on a contiguous block of layers.
+``forward(K, b, h, x, act, store, ws)`` and ``backward(K, b, h, traj, lam,
+act, gK, gb, ws)`` on a contiguous block of layers (``ws``: an optional
+:class:`Workspace` of scratch arrays reused between calls).
 """
 from . import euler, verlet
 from .activations import ACTIVATIONS, Activation
 from .layers import (classifier_loss_and_grad, cross_entropy, opening_backward,
                      opening_forward, score_stats, scores)
+from .workspace import Workspace
 
 
-def _euler_backward(K, b, h, traj, lam, act, gK, gb):
-    return euler.backward(K, h, traj, lam, act, gK, gb)
+def _euler_backward(K, b, h, traj, lam, act, gK, gb, ws=None):
+    return euler.backward(K, h, traj, lam, act, gK, gb, ws)
 
 
 class _Scheme:
@@ -27,5 +29,5 @@ SCHEMES = {
     "verlet": _Scheme("verlet", verlet, verlet.backward),
 }
 
-__all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "classifier_loss_and_grad",
+__all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "Workspace", "classifier_loss_and_grad",
            "cross_entropy", "opening_backward", "opening_forward", "score_stats", "scores"]

@@ -13,6 +13,8 @@ block's own layers), so a full network is the block ``[0, L)``.
 """
 import numpy as np
 
+from .workspace import scratch
+
 
 def state_width(width):
     """Width of the state carried between layers: ``w`` for Euler."""
@@ -20,19 +22,25 @@ def state_width(width):
 
 
 class EulerTrajectory:
-    """States ``Y`` (m+1, n, w) and activations ``S = σ(A)`` (m, n, w)."""
+    """States ``Y`` (m+1, n, w) and activations ``S = σ(A)`` (m, n, w);
+    with ``store=False`` only ``end`` (n, w) is kept and ``Y, S`` are None."""
 
-    def __init__(self, Y, S):
+    def __init__(self, end, Y=None, S=None):
+        self.end = end
         self.Y = Y
         self.S = S
 
     @property
+    def stored(self):
+        return self.Y is not None
+
+    @property
     def output(self):
         """The state at the block's right end, shape (n, w)."""
-        return self.Y[-1]
+        return self.end
 
 
-def forward(K, b, h, x, act, store=True):
+def forward(K, b, h, x, act, store=True, ws=None):
     """Run layers ``K, b`` from the state ``x``.
 
     Parameters
@@ -45,18 +53,26 @@ def forward(K, b, h, x, act, store=True):
         State at the block's left end.
     act : Activation
     store : bool
-        Ignored for Euler (the trajectory is always kept: the scheme is not
-        invertible).
+        Keep the trajectory (needed by the adjoint: the scheme is not
+        invertible) or only the end state (evaluation).
+    ws : Workspace, optional
+        Where the trajectory lives (reused between calls; it is then valid
+        until the next call with ``ws``).
 
     Returns
     -------
     EulerTrajectory
+        Its ``end`` is a new array.
     """
     m = K.shape[0]
     n, w = x.shape
-    Y = np.empty((m + 1, n, w), dtype=x.dtype)
-    S = np.empty((m, n, w), dtype=x.dtype)
-    Y[0] = x
+    if store:
+        Y = scratch(ws, "Y", (m + 1, n, w), x.dtype)
+        S = scratch(ws, "S", (m, n, w), x.dtype)
+    else:
+        Y = [scratch(ws, "Ya", (n, w), x.dtype), scratch(ws, "Yb", (n, w), x.dtype)] * (m + 1)
+        S = [scratch(ws, "s", (n, w), x.dtype)] * m
+    Y[0][...] = x
     for j in range(m):
         s = S[j]
         np.matmul(Y[j], K[j].T, out=s)
@@ -64,10 +80,11 @@ def forward(K, b, h, x, act, store=True):
         act.apply(s)
         np.multiply(s, h, out=Y[j + 1])
         Y[j + 1] += Y[j]
-    return EulerTrajectory(Y, S)
+    end = np.array(Y[m])
+    return EulerTrajectory(end, Y, S) if store else EulerTrajectory(end)
 
 
-def backward(K, h, traj, lam, act, gK, gb):
+def backward(K, h, traj, lam, act, gK, gb, ws=None):
     """Adjoint sweep through the block.
 
     Parameters
@@ -83,15 +100,19 @@ def backward(K, h, traj, lam, act, gK, gb):
         Overwritten with ``∇K`` (weight decay not included).
     gb : ndarray, shape (m, w)
         Overwritten with ``∇b``.
+    ws : Workspace, optional
+        Scratch arrays reused between calls.
 
     Returns
     -------
     ndarray, shape (n, w)
-        Co-state at the block's left end.
+        Co-state at the block's left end (a new array).
     """
+    if not traj.stored:
+        raise ValueError("the Euler adjoint needs the stored trajectory (forward with store=True)")
     lam = np.array(lam, copy=True)
-    D = np.empty_like(lam)
-    tmp = np.empty_like(lam)
+    D = scratch(ws, "D", lam.shape, lam.dtype)
+    tmp = scratch(ws, "tmp", lam.shape, lam.dtype)
     for j in range(K.shape[0] - 1, -1, -1):
         act.scale_by_derivative(traj.S[j], lam, out=D)
         np.matmul(D.T, traj.Y[j], out=gK[j])

@@ -13,7 +13,7 @@ def opening_forward(Ko, bo, X, act):
     return act.apply(S0)
 
 
-def opening_backward(X, S0, lam0, act):
+def opening_backward(X, S0, lam0, act, out=None):
     """Gradients of the opening layer.
 
     Parameters
@@ -24,6 +24,8 @@ def opening_backward(X, S0, lam0, act):
     lam0 : ndarray, shape (n, w)
         Co-state ``Λ^Y_0``.
     act : Activation
+    out : ndarray, shape (w, d), optional
+        Where to write ``gKo``.
 
     Returns
     -------
@@ -31,7 +33,7 @@ def opening_backward(X, S0, lam0, act):
     gbo : ndarray, shape (w,)
     """
     D0 = act.scale_by_derivative(S0, lam0, out=np.empty_like(S0))
-    return D0.T @ X, D0.sum(axis=0)
+    return np.matmul(D0.T, X, out=out), D0.sum(axis=0)
 
 
 def scores(W, mu, Y):

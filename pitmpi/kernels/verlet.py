@@ -19,6 +19,8 @@ the price of a second forward sweep.
 """
 import numpy as np
 
+from .workspace import scratch
+
 
 def state_width(width):
     """Width of the state carried between layers: ``2w`` for Verlet."""
@@ -59,7 +61,7 @@ def _step(Kj, bj, h, Yj, Zj, act, sa, sb, Yn, Zn):
     Yn += Yj
 
 
-def forward(K, b, h, x, act, store=True):
+def forward(K, b, h, x, act, store=True, ws=None):
     """Run layers ``K, b`` from the state ``x = [Y, Z]``.
 
     Parameters
@@ -71,27 +73,32 @@ def forward(K, b, h, x, act, store=True):
     act : Activation
     store : bool
         Keep the whole trajectory (True) or only the end state (False).
+    ws : Workspace, optional
+        Where the trajectory and scratch arrays live (reused between calls;
+        the trajectory is then valid until the next call with ``ws``).
 
     Returns
     -------
     VerletTrajectory
+        Its ``end`` is a new array.
     """
     m, w = K.shape[0], K.shape[1]
     n = x.shape[0]
     dt = x.dtype
     if store:
-        Y = np.empty((m + 1, n, w), dtype=dt)
-        Z = np.empty((m + 1, n, w), dtype=dt)
-        SA = np.empty((m, n, w), dtype=dt)
-        SB = np.empty((m, n, w), dtype=dt)
+        Y = scratch(ws, "Y", (m + 1, n, w), dt)
+        Z = scratch(ws, "Z", (m + 1, n, w), dt)
+        SA = scratch(ws, "SA", (m, n, w), dt)
+        SB = scratch(ws, "SB", (m, n, w), dt)
         Y[0] = x[:, :w]
         Z[0] = x[:, w:]
         for j in range(m):
             _step(K[j], b[j], h, Y[j], Z[j], act, SA[j], SB[j], Y[j + 1], Z[j + 1])
         return VerletTrajectory(np.hstack([Y[-1], Z[-1]]), Y, Z, SA, SB)
-    Yc, Zc = np.array(x[:, :w]), np.array(x[:, w:])
-    Yn, Zn = np.empty_like(Yc), np.empty_like(Zc)
-    sa, sb = np.empty_like(Yc), np.empty_like(Yc)
+    Yc, Zc, Yn, Zn, sa, sb = (scratch(ws, name, (n, w), dt)
+                              for name in ("Yc", "Zc", "Yn", "Zn", "sa", "sb"))
+    Yc[...] = x[:, :w]
+    Zc[...] = x[:, w:]
     for j in range(m):
         _step(K[j], b[j], h, Yc, Zc, act, sa, sb, Yn, Zn)
         Yc, Yn = Yn, Yc
@@ -99,7 +106,7 @@ def forward(K, b, h, x, act, store=True):
     return VerletTrajectory(np.hstack([Yc, Zc]))
 
 
-def backward(K, b, h, traj, lam, act, gK, gb):
+def backward(K, b, h, traj, lam, act, gK, gb, ws=None):
     """Adjoint sweep through the block, from a stored or an end-only trajectory.
 
     Parameters
@@ -116,25 +123,27 @@ def backward(K, b, h, traj, lam, act, gK, gb):
         Overwritten with ``∇K`` (weight decay not included).
     gb : ndarray, shape (m, w)
         Overwritten with ``∇b``.
+    ws : Workspace, optional
+        Scratch arrays reused between calls.
 
     Returns
     -------
     ndarray, shape (n, 2w)
-        Co-state at the block's left end.
+        Co-state at the block's left end (a new array).
     """
     m, w = K.shape[0], K.shape[1]
-    lamY = np.array(lam[:, :w])
-    lamZ = np.array(lam[:, w:])
-    E = np.empty_like(lamY)
-    F = np.empty_like(lamY)
-    tmp = np.empty_like(lamY)
-    gtmp = np.empty((w, w), dtype=lamY.dtype)
+    n, dt = lam.shape[0], lam.dtype
+    lamY, lamZ, E, F, tmp = (scratch(ws, name, (n, w), dt)
+                             for name in ("lamY", "lamZ", "E", "F", "tmp"))
+    lamY[...] = lam[:, :w]
+    lamZ[...] = lam[:, w:]
+    gtmp = scratch(ws, "gtmp", (w, w), dt)
     rebuild = not traj.stored
     if rebuild:
-        Yn = np.array(traj.end[:, :w])
-        Zn = np.array(traj.end[:, w:])
-        Yj, Zj = np.empty_like(Yn), np.empty_like(Zn)
-        sa, sb = np.empty_like(Yn), np.empty_like(Yn)
+        Yn, Zn, Yj, Zj, sa, sb = (scratch(ws, name, (n, w), dt)
+                                  for name in ("Yn", "Zn", "Yj", "Zj", "sa", "sb"))
+        Yn[...] = traj.end[:, :w]
+        Zn[...] = traj.end[:, w:]
     for j in range(m - 1, -1, -1):
         if rebuild:
             # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j

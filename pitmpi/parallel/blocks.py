@@ -28,7 +28,7 @@ class BlockTrainer(Trainer):
         self.boundary_cost = self.regression_cost(cfg) if comm.size > 1 else 0.0
         self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost)
         r = comm.rank
-        self.block = self.net.block(self.bounds[r], self.bounds[r + 1])
+        self.block = self.net.block(self.bounds[r], self.bounds[r + 1], reuse=True)
         self.prev = r - 1 if r > 0 else None
         self.next = r + 1 if r < comm.size - 1 else None
         self.params = None

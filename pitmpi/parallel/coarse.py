@@ -96,7 +96,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     c = co["factor"]
     cnet = net.with_layers(net.layers // c)
     cbounds = np.asarray(bounds) // c
-    blocks = [cnet.block(a, b) for a, b in zip(cbounds[:-1], cbounds[1:])]
+    blocks = [cnet.block(a, b, reuse=True) for a, b in zip(cbounds[:-1], cbounds[1:])]
     full = cnet.init_params(tr["seed"])
     local = [blk.local_params(full) for blk in blocks]
     opts = [SGD(p, tr["momentum"]) for p in local]

@@ -52,6 +52,18 @@ class Comm:
     def recv(self, buf, source, tag=0):
         return self._timed(self._recv, buf, source, tag)
 
+    def isend(self, buf, dest, tag=0):
+        """Start sending ``buf`` (leave it untouched until :meth:`wait`); a request."""
+        return self._timed(self._isend, buf, dest, tag)
+
+    def irecv(self, buf, source, tag=0):
+        """Start receiving into ``buf`` (complete after :meth:`wait`); a request."""
+        return self._timed(self._irecv, buf, source, tag)
+
+    def wait(self, request):
+        """Complete a request of :meth:`isend` or :meth:`irecv`."""
+        return self._timed(self._wait, request)
+
     def allreduce_sum(self, buf):
         """Sum ``buf`` (contiguous ndarray) over ranks, in place."""
         return self._timed(self._allreduce_sum, buf)
@@ -72,6 +84,10 @@ class Comm:
 
     def barrier(self):
         return self._timed(self._barrier)
+
+    def local_size(self):
+        """How many ranks of this job share this rank's node (collective)."""
+        return 1
 
 
 class MPIComm(Comm):
@@ -100,6 +116,15 @@ class MPIComm(Comm):
     def _send(self, buf, dest, tag):
         self.comm.Send(buf, dest=dest, tag=tag)
 
+    def _isend(self, buf, dest, tag):
+        return self.comm.Isend(buf, dest=dest, tag=tag)
+
+    def _irecv(self, buf, source, tag):
+        return self.comm.Irecv(buf, source=source, tag=tag)
+
+    def _wait(self, request):
+        request.Wait()
+
     def _recv(self, buf, source, tag):
         self.comm.Recv(buf, source=source, tag=tag)
 
@@ -124,6 +149,13 @@ class MPIComm(Comm):
 
     def abort(self, code=1):
         self.comm.Abort(code)
+
+    def local_size(self):
+        node = self.comm.Split_type(self._MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
 
 
 class EmulationAborted(RuntimeError):
@@ -187,6 +219,17 @@ class ThreadComm(Comm):
         if source is not None:
             self._recv(recvbuf, source, recvtag)
 
+    def _isend(self, buf, dest, tag):
+        self._send(buf, dest, tag)  # mailboxes hold a copy: complete at once
+        return None
+
+    def _irecv(self, buf, source, tag):
+        return (buf, source, tag)
+
+    def _wait(self, request):
+        if request is not None:
+            self._recv(*request)
+
     def _exchange(self, obj):
         w = self.world
         w.sync()
@@ -220,6 +263,9 @@ class ThreadComm(Comm):
 
     def _barrier(self):
         self.world.sync()
+
+    def local_size(self):
+        return self.size  # threads of one process
 
     def abort(self, code=1):
         self.world.aborted.set()

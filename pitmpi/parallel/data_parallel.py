@@ -31,7 +31,7 @@ class DataParallelTrainer(Trainer):
                               "of data-parallel; every rank needs a share of each batch")
         self.rows = share(bs, comm.size, comm.rank)
         self.val_rows = share(len(self.y_val), comm.size, comm.rank)
-        self.block = self.net.full()
+        self.block = self.net.full(reuse=True)
         self.start(self.net.init_params(cfg["train"]["seed"]))
         self.gradient_sum = FlatSum([self.params], self.net.dtype)
 

@@ -11,7 +11,12 @@ At iteration ``k`` rank ``r`` works on batch ``g = k − r``:
    (``λ_in → r−1``), tagged with the batch id;
 5. the co-state that arrived from ``r+1`` belongs to the state sent one
    iteration earlier: that pair joins the information set, and the
-   regression is refitted.
+   regression is refitted (``regression.refit_every``).
+
+With ``regression.delay = d > 0`` the same messages travel by
+``Isend``/``Irecv`` and a co-state joins the information set ``d``
+iterations later, so a rank may run ahead of its right neighbour (the
+paper's "asynchronous version"; see :meth:`PitTrainer.exchange_async`).
 
 Before its first state arrives (``k < r``) rank ``r`` either starts from the
 coarse model's state at its boundary (``coarse.warmup = "coarse"``, only with
@@ -19,6 +24,7 @@ the coarse phase) or waits (``"wait"``).  With one rank there are no
 boundaries and ``pit`` is exactly ``serial`` (the coarse phase is skipped).
 """
 import time
+from collections import deque
 
 import numpy as np
 
@@ -63,6 +69,12 @@ class PitTrainer(BlockTrainer):
         self.arrived = 0  # co-states received so far
         self.pipeline_start = 0  # iteration at which rank 0 fed the pipeline's first batch
         self.refit_every = rg["refit_every"]
+        # regression.delay > 0: non-blocking exchange (see exchange_async)
+        self.delay = rg["delay"]
+        self.state_bufs = [self.x_in, np.zeros_like(self.x_in)]
+        self.state_request = None  # the Irecv of the next iteration's state
+        self.pending = deque()  # [request, co-state, (x_out, y, Λ̂) or None, k] per batch sent right
+        self.sends = deque()  # (request, buffer) of sends not yet completed
 
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
@@ -120,7 +132,7 @@ class PitTrainer(BlockTrainer):
             if blk.first:
                 inp = self.features(g)
             elif k > self.pipeline_start and self.active(r - 1, k - 1):
-                inp = self.x_in
+                inp = self.incoming_state()
             else:
                 inp = self.warm_state
             ctx = blk.forward(self.params, inp)
@@ -139,21 +151,91 @@ class PitTrainer(BlockTrainer):
             loss = self.finish_step(grads, k, epoch, loss)
             if self.next is not None:
                 x_out = np.array(x_out)  # keep: it pairs with next iteration's co-state
-        comm.sendrecv(x_out if x_out is not None else self.zeros, self.next,
-                      self.x_in, self.prev, batch_tag(STATE_TAG, g), batch_tag(STATE_TAG, g + 1))
-        comm.sendrecv(lam_in if lam_in is not None else self.zeros, self.prev,
-                      self.lam_right, self.next, batch_tag(COSTATE_TAG, g),
-                      batch_tag(COSTATE_TAG, g - 1))
+        x_send = x_out if x_out is not None else self.zeros
+        lam_send = lam_in if lam_in is not None else self.zeros
+        if self.delay:
+            self.exchange_async(k, g, x_send, lam_send)
+        else:
+            comm.sendrecv(x_send, self.next, self.x_in, self.prev,
+                          batch_tag(STATE_TAG, g), batch_tag(STATE_TAG, g + 1))
+            comm.sendrecv(lam_send, self.prev, self.lam_right, self.next,
+                          batch_tag(COSTATE_TAG, g), batch_tag(COSTATE_TAG, g - 1))
+            if self.next is not None and self.sent is not None and self.active(r + 1, k):
+                self.learn(k, *self.sent, self.lam_right)
         if self.next is not None:
-            if self.sent is not None and self.active(r + 1, k):
-                t = time.perf_counter()
-                xs, ys, lam_hat_s = self.sent
-                self.mse[k], self.rel[k] = prediction_errors(lam_hat_s, self.lam_right)
-                self.arrived += 1
-                self.reg.add(xs, ys, self.lam_right, refit=self.arrived % self.refit_every == 0)
-                self.seconds["regression"] += time.perf_counter() - t
             self.sent = (x_out, y, lam_hat) if x_out is not None else None
         return loss, correct, count
+
+    def learn(self, k, x, y, lam_hat, lam):
+        """The co-state ``lam`` computed at iteration ``k`` for the state ``x``
+        sent one iteration earlier: record the prediction error, add the
+        pair, refit what is due."""
+        t = time.perf_counter()
+        self.mse[k], self.rel[k] = prediction_errors(lam_hat, lam)
+        self.arrived += 1
+        self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every))
+        self.seconds["regression"] += time.perf_counter() - t
+
+    # non-blocking exchange (regression.delay = d > 0) ------------------------
+    def incoming_state(self):
+        """The state from rank r−1 for this iteration."""
+        if self.state_request is not None:
+            self.comm.wait(self.state_request)
+            self.state_request = None
+        return self.x_in
+
+    def exchange_async(self, k, g, x_send, lam_send):
+        """Post this iteration's messages without waiting for them, then learn
+        the co-state computed ``d`` iterations ago.
+
+        The messages are those of the blocking schedule: what is posted at
+        iteration ``k`` is matched by what the neighbours post at ``k``.  The
+        only difference is when a rank waits: for its input state at the
+        start of the next iteration, and for a co-state from rank r+1 ``d``
+        iterations after the blocking schedule would have used it.  So rank r
+        may run up to ``d`` iterations ahead of rank r+1, which absorbs their
+        iteration-to-iteration jitter; with the same ``d`` the results do not
+        depend on timing."""
+        comm, r = self.comm, self.comm.rank
+        if self.next is not None:
+            self.sends.append((comm.isend(x_send, self.next, batch_tag(STATE_TAG, g)), x_send))
+        if self.prev is not None:
+            self.sends.append((comm.isend(lam_send, self.prev, batch_tag(COSTATE_TAG, g)),
+                               lam_send))
+            self.x_in = self.state_bufs[k % 2]  # the other one may still be read this iteration
+            self.state_request = comm.irecv(self.x_in, self.prev, batch_tag(STATE_TAG, g + 1))
+        if self.next is not None:
+            lam = np.empty_like(self.zeros)
+            pair = self.sent if self.active(r + 1, k) else None
+            self.pending.append([comm.irecv(lam, self.next, batch_tag(COSTATE_TAG, g - 1)),
+                                 lam, pair, k])
+            while len(self.pending) > self.delay:
+                request, lam, pair, k_done = self.pending.popleft()
+                if request is not None:
+                    comm.wait(request)
+                if pair is not None:
+                    self.learn(k_done, *pair, lam)
+        while len(self.sends) > 2 * (self.delay + 2):
+            comm.wait(self.sends.popleft()[0])
+
+    def drain(self):
+        """Complete every message in flight (their data stay pending): before
+        the epoch's evaluation, whose messages must not meet them, and so a
+        checkpoint holds the whole state."""
+        comm = self.comm
+        if self.state_request is not None:
+            comm.wait(self.state_request)
+            self.state_request = None
+        for entry in self.pending:
+            if entry[0] is not None:
+                comm.wait(entry[0])
+                entry[0] = None
+        while self.sends:
+            comm.wait(self.sends.popleft()[0])
+
+    def record_epoch(self, *args):
+        self.drain()
+        super().record_epoch(*args)
 
     def gather_extra_history(self, k_done):
         parts = self.comm.gather((self.mse[:k_done], self.rel[:k_done]))
@@ -174,6 +256,17 @@ class PitTrainer(BlockTrainer):
                 state["sent_y"] = sent_y
         if self.warm_state is not None:
             state["warm_state"] = self.warm_state
+        if self.pending:  # drained: co-states received, not learnt yet
+            state["pending_k"] = np.array([e[3] for e in self.pending], dtype=np.int64)
+            state["pending_lam"] = np.stack([e[1] for e in self.pending])
+            pairs = [e[2] for e in self.pending]
+            state["pending_valid"] = np.array([p is not None for p in pairs])
+            some = next((p for p in pairs if p is not None), None)
+            if some is not None:
+                for i, name in enumerate(("pending_x", "pending_y", "pending_lam_hat")):
+                    if some[i] is not None:
+                        state[name] = np.stack([p[i] if p is not None else np.zeros_like(some[i])
+                                                for p in pairs])
         return state
 
     def regression_states(self):
@@ -206,6 +299,12 @@ class PitTrainer(BlockTrainer):
             if "sent_x" in st:
                 self.sent = (st["sent_x"], st.get("sent_y"), st["sent_lam_hat"])
             self.warm_state = st.get("warm_state")
+            for i, k_done in enumerate(st.get("pending_k", ())):
+                pair = None
+                if st["pending_valid"][i]:
+                    pair = (st["pending_x"][i], st["pending_y"][i] if "pending_y" in st else None,
+                            st["pending_lam_hat"][i])
+                self.pending.append([None, np.array(st["pending_lam"][i]), pair, int(k_done)])
             if self.reg is not None:
                 for name, arr in (("regression_mse", self.mse), ("regression_rel", self.rel)):
                     arr[:k0] = ckpt.history[name][:k0, r]

@@ -5,8 +5,9 @@ squares ``p ≈ φ(x) Θ`` with ``φ(x) = [x, 1]`` (``state``), ``[x, onehot(y),
 (``state+label``) or ``onehot(y) ⊗ [x, 1]`` (``per-class``: one affine map per
 class; a sample's co-state changes sign with its label, so the label matters).  The
 normal equations ``G = Σ φφᵀ``, ``H = Σ φ pᵀ`` are kept with exponential
-forgetting ``G ← γG + ΦᵀΦ``, so an update costs ``O(n f²)`` and a refit
-``O(f³)`` (Cholesky).  A batch's co-state is predicted as ``Λ̂ = φ(X) Θ / n``.
+forgetting ``G ← γG + ΦᵀΦ``, so an update costs ``O(m f²)`` for ``m`` pairs and
+a refit ``O(f³ + f² sw)`` per group (Cholesky).  A batch's co-state is
+predicted as ``Λ̂ = φ(X) Θ / n``, in the network's dtype.
 """
 import numpy as np
 import scipy.linalg.lapack
@@ -23,6 +24,12 @@ class CostateRegression:
     (``c`` Cholesky factorisations of size ``sw + 1`` instead of one of size
     ``c (sw + 1)``).
 
+    New pairs wait in a buffer per group and enter that group's ``G`` and
+    ``H`` in one product when the group is refitted (or its buffer is full):
+    ``Θ`` depends on them only through a refit, so the result is the same as
+    adding them one batch at a time (up to the order of the sums), at a
+    fraction of the cost of many thin products.
+
     Parameters
     ----------
     state_width : int
@@ -35,8 +42,10 @@ class CostateRegression:
         ``γ`` in (0, 1]; 1 keeps every pair with equal weight.
     pairs_per_batch : int
         Add only the first this many pairs of each batch (batches are random
-        draws, so these are a random subset; 0: all).  An update costs
-        ``O(m f²)`` for ``m`` pairs.
+        draws, so these are a random subset; 0: all).
+    buffer_rows : int
+        A group's held pairs are folded into its ``G`` and ``H`` when it is
+        refitted or when it holds this many.
 
     Attributes
     ----------
@@ -46,7 +55,7 @@ class CostateRegression:
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
-                 pairs_per_batch=0):
+                 pairs_per_batch=0, buffer_rows=1024):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
@@ -61,16 +70,19 @@ class CostateRegression:
         self.theta = np.zeros((self.groups, f, sw))
         self.scale = 1.0
         self.pairs = 0
+        self.buffer_rows = int(buffer_rows)
+        self._held = [_Held(f, sw) for _ in range(self.groups)]
+        self._predictor = {}  # dtype -> (weights, biases) cut from theta
 
     @property
     def n_features(self):
         """Features per group: ``sw + 1`` (``+ c`` with ``state+label``)."""
         return self.state_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
 
-    def features(self, x, y=None):
+    def features(self, x, y=None, out=None):
         """``φ(x)`` of each sample within its group, shape (n, f)."""
         n = x.shape[0]
-        phi = np.empty((n, self.n_features))
+        phi = np.empty((n, self.n_features)) if out is None else out
         phi[:, :self.state_width] = x
         phi[:, -1] = 1.0
         if self.kind == "state+label":
@@ -88,41 +100,64 @@ class CostateRegression:
         starts = ends - counts
         return order, [(g, slice(a, b)) for g, (a, b) in enumerate(zip(starts, ends)) if b > a]
 
+    def due(self, arrival, every):
+        """Groups to refit at the ``arrival``-th batch of pairs (1, 2, ...) when
+        each is refitted every ``every`` arrivals: group ``g`` at arrivals
+        ``≡ −⌊g·every/groups⌋ (mod every)``, so the refits of the groups are
+        spread evenly over the arrivals instead of all falling on one."""
+        return [g for g in range(self.groups)
+                if (arrival + g * every // self.groups) % every == 0]
+
     def add(self, x, y, lam, refit=True, n=None):
         """Add the batch's pairs: states ``x`` (m, sw), labels ``y`` (m,) and
         batch co-states ``lam`` (m, sw), scaled here to ``p = n Λ`` (``n``:
-        the size of the batch ``lam`` is normalised by; default ``m``)."""
+        the size of the batch ``lam`` is normalised by; default ``m``).
+        ``refit``: True refits every group, a list of groups refits those
+        (see :meth:`due`), False or an empty list none."""
         m = x.shape[0]
         n = m if n is None else n
         if 0 < self.pairs_per_batch < m:
             m = self.pairs_per_batch
             x, lam = x[:m], lam[:m]
             y = None if y is None else y[:m]
-        phi = self.features(x, y)
-        p = lam * n
-        order, segments = self._segments(y, m)
-        if order is not None:
-            phi, p = phi[order], p[order]
         # forgetting without touching G and H: the true normal equations are
         # scale · (G, H), and a new pair enters with weight 1 / scale
         self.scale *= self.forgetting
         if self.scale < 1e-100:
+            self.flush()
             self.G *= self.scale
             self.H *= self.scale
             self.scale = 1.0
         root = (1.0 / self.scale) ** 0.5
+        phi = self.features(x, y)
         phi *= root
-        p = p * root
+        p = np.multiply(lam, n * root, dtype=np.float64)
+        order, segments = self._segments(y, m)
+        if order is not None:
+            phi, p = phi[order], p[order]
         for g, rows in segments:
-            self.G[g] += phi[rows].T @ phi[rows]
-            self.H[g] += phi[rows].T @ p[rows]
+            held = self._held[g]
+            if held.count + (rows.stop - rows.start) > self.buffer_rows:
+                self.flush([g])
+            held.append(phi[rows], p[rows])
         self.pairs += m
-        if refit:
+        if refit is True:
             self.refit()
+        elif refit:
+            self.refit(refit)
+
+    def flush(self, groups=None):
+        """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
+        for g in (range(self.groups) if groups is None else groups):
+            phi, p = self._held[g].take()
+            if len(phi):
+                self.G[g] += phi.T @ phi
+                self.H[g] += phi.T @ p
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
         rank has added the same number of batches, so the same ``scale``), then refit."""
+        self.flush()
         if comm.size > 1:
             self.G = np.ascontiguousarray(self.G)
             self.H = np.ascontiguousarray(self.H)
@@ -131,12 +166,13 @@ class CostateRegression:
             self.pairs = int(sum(comm.allgather(self.pairs)))
         self.refit()
 
-    def refit(self):
+    def refit(self, groups=None):
         """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK
-        ``posv``), ``ρ_g = ridge · mean(diag G_g)``; a group without pairs
-        gets ``Θ_g = 0``."""
+        ``posv``), ``ρ_g = ridge · mean(diag G_g)``, for ``groups`` (default:
+        all); a group without pairs gets ``Θ_g = 0``."""
+        self.flush(groups)
         f = self.n_features
-        for g in range(self.groups):
+        for g in (range(self.groups) if groups is None else groups):
             scale = np.trace(self.G[g]) / f
             if scale <= 0:
                 self.theta[g] = 0.0
@@ -147,29 +183,64 @@ class CostateRegression:
             if info != 0:  # not positive definite (no ridge): least-squares solution
                 theta = np.linalg.lstsq(self.G[g], self.H[g], rcond=None)[0]
             self.theta[g] = theta
+        if groups is None or self.kind == "state+label":
+            self._predictor = {}
+        else:
+            sw = self.state_width
+            for W, offsets in self._predictor.values():
+                for g in groups:
+                    W[g] = self.theta[g, :sw]
+                    offsets[g] = self.theta[g, -1]
         return self.theta
 
+    def _predictor_for(self, dtype):
+        """``Θ`` cut into state weights (groups, sw, sw) and per-group offsets
+        (groups, sw) — per class with ``state+label`` — in ``dtype``."""
+        if dtype not in self._predictor:
+            sw = self.state_width
+            W = np.ascontiguousarray(self.theta[:, :sw], dtype=dtype)
+            offsets = self.theta[:, -1]
+            if self.kind == "state+label":
+                offsets = self.theta[0, sw:-1] + self.theta[0, -1]
+            self._predictor[dtype] = (W, np.ascontiguousarray(offsets, dtype=dtype))
+        return self._predictor[dtype]
+
     def predict(self, x, y=None):
-        """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw)."""
+        """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw), in
+        ``x``'s dtype (computed in it)."""
         n = x.shape[0]
-        phi = self.features(x, y)
-        order, segments = self._segments(y, n)
-        if order is not None:
-            phi = phi[order]
-        lam = np.empty((n, self.state_width))
-        for g, rows in segments:
-            np.matmul(phi[rows], self.theta[g], out=lam[rows])
-        if order is not None:
-            lam[order] = lam.copy()
-        lam /= n
-        return lam.astype(x.dtype, copy=False)
+        W, offsets = self._predictor_for(x.dtype)
+        if self.kind == "state":
+            lam = x @ W[0]
+            lam += offsets[0]
+        elif self.kind == "state+label":
+            lam = x @ W[0]
+            lam += offsets[np.asarray(y)]
+        else:
+            order, segments = self._segments(y, n)
+            xs = x[order]
+            sorted_lam = np.empty((n, self.state_width), dtype=x.dtype)
+            for g, rows in segments:
+                out = sorted_lam[rows]
+                np.matmul(xs[rows], W[g], out=out)
+                out += offsets[g]
+            lam = np.empty_like(sorted_lam)
+            lam[order] = sorted_lam
+        lam *= x.dtype.type(1.0 / n)
+        return lam
 
     def state(self):
-        """``{"G", "H", "scale", "theta", "pairs"}``: enough to continue
-        elsewhere (seeding the fine run, checkpoints); the normal equations
-        are ``scale · G`` and ``scale · H``."""
+        """``{"G", "H", "scale", "theta", "pairs", "held_phi", "held_p",
+        "held_group"}``: enough to continue elsewhere bit for bit (seeding
+        the fine run, checkpoints); the normal equations are ``scale · G``
+        and ``scale · H`` plus the pairs still held (features ``held_phi``,
+        co-states ``held_p``, already weighted, and their group)."""
+        held = [h.take(keep=True) for h in self._held]
         return {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
-                "theta": self.theta.copy(), "pairs": np.int64(self.pairs)}
+                "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
+                "held_phi": np.concatenate([h[0] for h in held]),
+                "held_p": np.concatenate([h[1] for h in held]),
+                "held_group": np.repeat(np.arange(self.groups), [len(h[0]) for h in held])}
 
     def load_state(self, state):
         """Continue from :meth:`state` (``theta`` is refitted if absent)."""
@@ -179,16 +250,57 @@ class CostateRegression:
         self.G, self.H = np.array(state["G"], dtype=float), np.array(state["H"], dtype=float)
         self.scale = float(state.get("scale", 1.0))
         self.pairs = int(state["pairs"])
+        self._predictor = {}
+        for h in self._held:
+            h.take()
+        if "held_phi" in state:
+            group = np.asarray(state["held_group"])
+            if state["held_phi"].shape[1:] != (self.n_features,) or np.any(group >= self.groups):
+                raise ValueError("the held regression pairs do not fit this boundary")
+            for g in range(self.groups):
+                rows = group == g
+                self._held[g].append(state["held_phi"][rows], state["held_p"][rows])
         if "theta" in state:
             self.theta = np.array(state["theta"], dtype=float)
         else:
             self.refit()
 
 
+class _Held:
+    """Weighted pairs of one group not yet folded into its normal equations."""
+
+    def __init__(self, f, sw, rows=64):
+        self.phi = np.empty((rows, f))
+        self.p = np.empty((rows, sw))
+        self.count = 0
+
+    def append(self, phi, p):
+        m = len(phi)
+        if self.count + m > len(self.phi):
+            size = max(2 * len(self.phi), self.count + m)
+            for name in ("phi", "p"):
+                old = getattr(self, name)
+                new = np.empty((size, old.shape[1]))
+                new[:self.count] = old[:self.count]
+                setattr(self, name, new)
+        self.phi[self.count:self.count + m] = phi
+        self.p[self.count:self.count + m] = p
+        self.count += m
+
+    def take(self, keep=False):
+        """The held ``(phi, p)`` (views; copies with ``keep``), emptied unless ``keep``."""
+        m = self.count
+        if keep:
+            return self.phi[:m].copy(), self.p[:m].copy()
+        self.count = 0
+        return self.phi[:m], self.p[:m]
+
+
 def prediction_errors(lam_hat, lam):
     """``(MSE of per-sample co-states, ‖Λ̂ − Λ‖ / ‖Λ̂‖)`` for one batch."""
     n = lam.shape[0]
-    diff = lam_hat - lam
-    mse = float(np.mean((n * diff) ** 2))
+    diff = np.subtract(lam_hat, lam, dtype=np.float64)
+    sq = float(np.vdot(diff, diff))
+    mse = sq * n * n / diff.size
     norm_hat = float(np.linalg.norm(lam_hat))
-    return mse, (float(np.linalg.norm(diff)) / norm_hat if norm_hat > 0 else np.inf)
+    return mse, (sq ** 0.5 / norm_hat if norm_hat > 0 else np.inf)

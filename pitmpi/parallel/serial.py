@@ -45,7 +45,7 @@ class SerialTrainer(Trainer):
                             f"{comm.size}; launch it without mpirun, or choose "
                             "'data-parallel', 'model-parallel' or 'pit'")
         super().__init__(comm, cfg, data, log)
-        self.block = self.net.full()
+        self.block = self.net.full(reuse=True)
         self.start(self.net.init_params(cfg["train"]["seed"]))
 
     def step(self, k, epoch):

@@ -53,7 +53,9 @@ def test_exact_methods_match_serial(method, scheme):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("overrides", [[], ["coarse.levels=1", "model.scheme=euler"],
-                                        ["coarse.warmup=wait"], ["coarse.parallel=data-parallel"]])
+                                        ["coarse.warmup=wait"], ["coarse.parallel=data-parallel"],
+                                        ["regression.delay=1"],
+                                        ["regression.delay=2", "coarse.warmup=wait"]])
 def test_pit_emulated_equals_mpi_bitwise(overrides):
     res = train_mpi(["train.method=pit"] + overrides)
     comm = world()
@@ -93,7 +95,8 @@ def test_failing_rank_ends_job(tmp_path_factory):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("method", ["data-parallel", "model-parallel", "pit"])
+@pytest.mark.parametrize("method", ["data-parallel", "model-parallel", "pit",
+                                    "pit --set regression.delay=2"])
 def test_resume_is_bitwise_identical_under_mpi(method):
     from pitmpi.cli import main
     from ..test_checkpoint import assert_same_run
@@ -102,6 +105,7 @@ def test_resume_is_bitwise_identical_under_mpi(method):
     full, part = os.path.join(folder, "full.h5"), os.path.join(folder, "part.h5")
     args = ["--quiet", "--set", "model.layers=12", "--set", "coarse.iterations=20",
             "--set", f"train.method={method}"]
+    args = [a for part in args for a in part.split()]
     assert main(["train", "--out", full, "--set", "train.epochs=3", *args], comm=comm) == 0
     assert main(["train", "--out", part, "--set", "train.epochs=2", *args], comm=comm) == 0
     assert main(["train", "--resume", part, "--set", "train.epochs=3"], comm=comm) == 0

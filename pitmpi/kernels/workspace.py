@@ -1,0 +1,38 @@
+"""Scratch arrays that a kernel reuses from one call to the next.
+
+A deep block's trajectory is megabytes; allocating it afresh every iteration
+makes the operating system hand out and zero new pages each time, which cost
+as much as the forward sweep's arithmetic (measured: 2.6 ms against 1.4 ms
+for 16 Verlet layers, n = 128, w = 64, float32).  A :class:`Workspace` keeps
+one array per name and hands it out again while the shape and dtype match.
+"""
+import numpy as np
+
+
+class Workspace:
+    """Named arrays kept between calls.
+
+    Whatever a kernel took from a workspace is overwritten by the next call
+    that takes the same name, so a result that aliases it is valid only
+    until then.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name, shape, dtype):
+        """An uninitialised array of ``shape`` and ``dtype``, reused when possible."""
+        a = self._arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = np.empty(shape, dtype=dtype)
+            self._arrays[name] = a
+        return a
+
+    def nbytes(self):
+        """Bytes held."""
+        return sum(a.nbytes for a in self._arrays.values())
+
+
+def scratch(ws, name, shape, dtype):
+    """``ws.get(name, shape, dtype)``, or a fresh array when ``ws`` is None."""
+    return np.empty(shape, dtype=dtype) if ws is None else ws.get(name, shape, dtype)
