@@ -157,3 +157,15 @@ def test_bad_model_arguments():
         ResNet("euler", 2, 2, 0, 2, T=1.0)
     with pytest.raises(ValueError, match="activation"):
         ResNet("euler", 2, 2, 2, 2, T=1.0, activation="gelu")
+
+
+def test_tanh_matches_numpy_to_rounding():
+    from pitmpi.kernels import Activation
+    x = np.concatenate([np.linspace(-40, 40, 100001), np.geomspace(1e-300, 1e3, 2000),
+                        -np.geomspace(1e-300, 1e3, 2000), [0.0, -0.0, np.inf, -np.inf]])
+    got = Activation("tanh").apply(x.copy())
+    assert np.abs(got - np.tanh(x)).max() <= 4.5e-16
+    assert np.isnan(Activation("tanh").apply(np.array([np.nan, 1.0])))[0]
+    x32 = x.astype(np.float32)
+    np.testing.assert_array_equal(Activation("tanh").apply(x32.copy()), np.tanh(x32))
+

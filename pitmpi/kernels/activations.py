@@ -23,9 +23,25 @@ class Activation:
         self.name = name
 
     def apply(self, a):
-        """Overwrite ``a`` (any shape) with ``σ(a)`` and return it."""
+        """Overwrite ``a`` (any shape) with ``σ(a)`` and return it.
+
+        float64 ``tanh`` is computed as ``2 / (1 + exp(−2a)) − 1`` (with ``a``
+        clipped below at −20, where ``tanh`` rounds to −1): NumPy's float64
+        ``tanh`` is scalar code on CPUs without AVX-512 and ``exp`` is twice
+        as fast, and the result is within 4.5e-16 of ``np.tanh`` (absolute;
+        near 0 that is not a small *relative* error, but every use adds it
+        to states of order 1).
+        """
         if self.name == "tanh":
-            return np.tanh(a, out=a)
+            if a.dtype != np.float64:
+                return np.tanh(a, out=a)
+            np.maximum(a, -20.0, out=a)
+            a *= -2.0
+            np.exp(a, out=a)
+            a += 1.0
+            np.divide(2.0, a, out=a)
+            a -= 1.0
+            return a
         return np.maximum(a, 0, out=a)
 
     def scale_by_derivative(self, s, lam, out):
