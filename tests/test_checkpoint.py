@@ -73,21 +73,22 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     path = tmp_path / "r.h5"
     assert train(2, path, 2, "--set", "train.method=pit", "--set", "model.layers=16") == [0, 0]
     before = Checkpoint(str(path))
-    np.testing.assert_array_equal(before.partition, [[0, 8], [8, 16]])
+    np.testing.assert_array_equal(before.partition, [[0, 6], [6, 16]])
     out = tmp_path / "r4.h5"
     assert run(4, ["train", "--resume", str(path), "--out", str(out),
                    "--set", "train.epochs=3"]) == [0] * 4
     after = Checkpoint(str(out))
     assert after.ranks == 4 and after.epochs_done == 3
-    np.testing.assert_array_equal(after.partition, [[0, 4], [4, 8], [8, 12], [12, 16]])
+    np.testing.assert_array_equal(after.partition, [[0, 2], [2, 6], [6, 10], [10, 16]])
     np.testing.assert_array_equal(after.history["val_acc"][:2], before.history["val_acc"])
     np.testing.assert_array_equal(after.history["loss"][:32], before.history["loss"])
     mse = after.history["regression_mse"]
     assert mse.shape == (48, 3) and np.isnan(mse[:32]).all()  # old columns do not map
     assert np.isfinite(mse[-1]).all()
-    # the boundary at layer 8 existed before: its regression continued; 4 and 12 are new
-    assert after.regression[8]["pairs"] > before.regression[8]["pairs"]
-    assert after.regression[4]["pairs"] < before.regression[8]["pairs"]
+    # the boundary at layer 6 existed before: its regression continued; 2 and 10 are new
+    assert after.regression[6]["pairs"] > before.regression[6]["pairs"]
+    assert after.regression[2]["pairs"] < before.regression[6]["pairs"]
+    assert after.regression[10]["pairs"] < before.regression[6]["pairs"]
     # and on to one rank with another method: parameters carry over
     one = tmp_path / "r1.h5"
     assert run(1, ["train", "--resume", str(out), "--out", str(one), "--set", "train.epochs=4",

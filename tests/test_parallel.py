@@ -57,7 +57,8 @@ def test_pit_differs_from_serial_but_has_all_parameters(serial_ref):
     n_iter = len(res.history["loss"])
     assert res.history["regression_mse"].shape == (n_iter, 1)
     assert np.isfinite(res.history["regression_mse"][1:]).all()
-    np.testing.assert_array_equal(res.extra["partition"], [[0, 4], [4, 8]])
+    # the regression's cost on rank 0 (about 2.3 layers here) shifts the boundary left
+    np.testing.assert_array_equal(res.extra["partition"], [[0, 2], [2, 8]])
 
 
 @pytest.mark.parametrize("overrides", [[], ["coarse.levels=1"], ["coarse.warmup=wait"],
@@ -80,7 +81,7 @@ def test_regression_delay_lets_co_states_arrive_later():
     np.testing.assert_array_equal(mse_a[1:2], mse_b[1:2])  # the first pair, learnt 1 later
     assert np.isnan(mse_b[-1]) or mse_b[-1] != mse_a[-1]
     assert max_param_diff(a.params, b.params) > 1e-6
-    assert abs(a.history["val_acc"][-1] - b.history["val_acc"][-1]) <= 0.05
+    assert b.history["val_acc"][-1] >= a.history["val_acc"][-1] - 0.05  # learns as well
 
 
 def test_coarse_phase_on_rank0_or_data_parallel_agree():
@@ -115,6 +116,22 @@ def test_partition_balances_cost_on_the_grid():
         partition(np.ones(8), 5, grid=2)
     with pytest.raises(ConfigError, match="not a multiple of coarse.factor"):
         partition(np.ones(9), 2, grid=2)
+
+
+def test_partition_counts_call_overheads_and_the_regression():
+    # Swiss roll sizes (n = 32, w = 16): fixed per-call costs are about half
+    # of a layer and most of the regression (measured: ~3 layers)
+    from pitmpi.parallel.partition import regression_cost
+    net = ResNet("verlet", 2, 16, 64, 2, T=5.0)
+    cfg = config.load(None, ["model.layers=64"])
+    bare, full = layer_costs(net), layer_costs(net, batch_size=32)
+    assert 1.8 < full[1] / bare[1] < 3.0
+    reg = regression_cost(net, cfg, 32)
+    assert 1.5 < reg / full[1] < 4.0
+    np.testing.assert_array_equal(partition(full, 2, 2, reg), [0, 30, 64])
+    # a cheaper regression (refit every 10th arrival, 8 pairs) costs less
+    cheap = config.load(None, ["regression.refit_every=10", "regression.pairs_per_batch=8"])
+    assert regression_cost(net, cheap, 32) < 0.7 * reg
 
 
 def test_regression_recovers_affine_map():

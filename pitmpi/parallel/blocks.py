@@ -24,7 +24,7 @@ class BlockTrainer(Trainer):
 
     def __init__(self, comm, cfg, data, log=None):
         super().__init__(comm, cfg, data, log)
-        self.costs = layer_costs(self.net)
+        self.costs = layer_costs(self.net, cfg["train"]["batch_size"])
         self.boundary_cost = self.regression_cost(cfg) if comm.size > 1 else 0.0
         self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost)
         r = comm.rank

@@ -13,7 +13,16 @@ Cost per sample of forward + backward, in multiply-add equivalents:
 the element-wise updates around it) relative to one multiply-add inside a
 matrix product.  Measured on the development machine (AVX2, OpenBLAS):
 about 120 in float32 and 400 in float64 (NumPy's float64 ``tanh`` is scalar
-there); ``relu`` is cheap (κ = 4).  The partition depends on the config only,
+there; since the exp form of large float64 arrays it is nearer 260 above
+~600 elements, which shifts every layer alike); ``relu`` is cheap (κ = 4).
+
+With the batch size given, every NumPy or LAPACK call also costs a fixed
+overhead, ``CALL_US`` microseconds, turned into multiply-adds at the matrix
+rate of the dtype and spread over the batch: a Verlet layer makes about 30
+calls, and on small problems (the Swiss roll: n = 32, w = 16) that is half its
+time.  ``pit``'s regression is costed the same way (its own arithmetic, in
+float64, plus its calls), which is what puts it at about three layers there
+(measured: 0.22 ms against 64 µs a layer) but one on MNIST.  The partition depends on the config only,
 never on timings, so runs stay reproducible.  Block boundaries lie on the
 coarse grid (multiples of the coarsening factor) so that the coarse model has
 a state and co-state at every boundary.
@@ -27,32 +36,57 @@ ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
                    ("relu", "float32"): 4.0, ("relu", "float64"): 4.0}
 
 
-def layer_costs(net):
-    """Estimated cost per ODE layer (L,), with the opening layer's cost added
-    to layer 0 and the classifier's to layer L-1."""
+# multiply-adds per microsecond inside a matrix product, and the fixed cost
+# of one NumPy/LAPACK call (development machine, one BLAS thread)
+MATMUL_RATE = {"float64": 2.0e4, "float32": 4.0e4}
+CALL_US = 1.0
+CALLS = {"verlet": 30, "euler": 12, "opening": 8, "classifier": 15}
+REGRESSION_CALL_US = 2.0  # its calls (LAPACK, fancy indexing) are heavier
+
+
+def call_cost(net, calls, batch_size, us=CALL_US):
+    """Per-sample multiply-add equivalent of ``calls`` fixed-cost calls."""
+    if not batch_size:
+        return 0.0
+    return calls * us * MATMUL_RATE.get(net.dtype_name, 2.0e4) / batch_size
+
+
+def layer_costs(net, batch_size=None):
+    """Estimated cost per sample of each ODE layer (L,), with the opening
+    layer's cost added to layer 0 and the classifier's to layer L-1; with
+    ``batch_size``, the per-call overheads too."""
     w = net.width
     kappa = ACTIVATION_COST.get((net.activation, net.dtype_name), 100.0)
     products = 2 if net.scheme_name == "verlet" else 1
-    costs = np.full(net.layers, products * (3.0 * w * w + kappa * w))
-    costs[0] += 2.0 * net.n_features * w + kappa * w
-    costs[-1] += 3.0 * net.n_classes * w
+    costs = np.full(net.layers, products * (3.0 * w * w + kappa * w)
+                    + call_cost(net, CALLS[net.scheme_name], batch_size))
+    costs[0] += 2.0 * net.n_features * w + kappa * w + call_cost(net, CALLS["opening"], batch_size)
+    costs[-1] += 3.0 * net.n_classes * w + call_cost(net, CALLS["classifier"], batch_size)
     return costs
 
 
 def regression_cost(net, cfg, batch_size):
     """Estimated per-sample cost of ``pit``'s co-state regression at a boundary
-    (added to every block but the last): pair update ``m (f² + f sw)``,
-    prediction ``n f sw``, refit ``groups (f³/3 + f² sw) / refit_every``, per
-    sample, doubled for the overhead of its many small operations."""
+    (added to every block but the last), in the units of :func:`layer_costs`.
+
+    Its float64 arithmetic per iteration — pair update ``m (f² + f sw)``,
+    refits ``(f³/3 + f² sw)`` per group refitted — and the prediction ``n f
+    sw`` in the network's dtype, plus its calls: about ``11 + 3g`` for the
+    prediction and the pair update with ``g`` groups, 12 per group refit and
+    6 for the error history."""
     rg = cfg["regression"]
     sw, c = net.state_width, net.n_classes
     f = sw + 1 + (c if rg["features"] == "state+label" else 0)
     groups = c if rg["features"] == "per-class" else 1
     n = batch_size
     m = min(rg["pairs_per_batch"] or n, n)
-    per_iter = (m * (f * f + f * sw) + n * f * sw
-                + groups * (f ** 3 / 3 + f * f * sw) / rg["refit_every"])
-    return 2.0 * per_iter / n
+    refits = groups / rg["refit_every"]
+    arrival_us = (m * (f * f + f * sw) + refits * (f ** 3 / 3 + f * f * sw)) / MATMUL_RATE["float64"]
+    rate = MATMUL_RATE.get(net.dtype_name, 2.0e4)
+    predict_us = n * f * sw / rate
+    touched = min(groups, m) if groups > 1 else 0
+    calls = (5 + 3 * (groups if groups > 1 else 0)) + (10 + 3 * touched) + 12 * refits + 6
+    return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 
 def partition(costs, ranks, grid=1, boundary_cost=0.0):
