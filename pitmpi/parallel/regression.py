@@ -79,10 +79,10 @@ class CostateRegression:
         """Features per group: ``sw + 1`` (``+ c`` with ``state+label``)."""
         return self.state_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
 
-    def features(self, x, y=None, out=None):
+    def features(self, x, y=None):
         """``φ(x)`` of each sample within its group, shape (n, f)."""
         n = x.shape[0]
-        phi = np.empty((n, self.n_features)) if out is None else out
+        phi = np.empty((n, self.n_features))
         phi[:, :self.state_width] = x
         phi[:, -1] = 1.0
         if self.kind == "state+label":
