@@ -141,10 +141,8 @@ class CostateRegression:
                 self.flush([g])
             held.append(phi[rows], p[rows])
         self.pairs += m
-        if refit is True:
-            self.refit()
-        elif refit:
-            self.refit(refit)
+        if refit:
+            self.refit(None if refit is True else refit)
 
     def flush(self, groups=None):
         """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
@@ -183,14 +181,7 @@ class CostateRegression:
             if info != 0:  # not positive definite (no ridge): least-squares solution
                 theta = np.linalg.lstsq(self.G[g], self.H[g], rcond=None)[0]
             self.theta[g] = theta
-        if groups is None or self.kind == "state+label":
-            self._predictor = {}
-        else:
-            sw = self.state_width
-            for W, offsets in self._predictor.values():
-                for g in groups:
-                    W[g] = self.theta[g, :sw]
-                    offsets[g] = self.theta[g, -1]
+        self._predictor = {}
         return self.theta
 
     def _predictor_for(self, dtype):
@@ -210,12 +201,9 @@ class CostateRegression:
         ``x``'s dtype (computed in it)."""
         n = x.shape[0]
         W, offsets = self._predictor_for(x.dtype)
-        if self.kind == "state":
+        if self.groups == 1:
             lam = x @ W[0]
-            lam += offsets[0]
-        elif self.kind == "state+label":
-            lam = x @ W[0]
-            lam += offsets[np.asarray(y)]
+            lam += offsets[np.asarray(y)] if self.kind == "state+label" else offsets[0]
         else:
             order, segments = self._segments(y, n)
             xs = x[order]
