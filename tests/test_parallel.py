@@ -81,7 +81,8 @@ def test_regression_delay_lets_co_states_arrive_later():
     np.testing.assert_array_equal(mse_a[1:2], mse_b[1:2])  # the first pair, learnt 1 later
     assert np.isnan(mse_b[-1]) or mse_b[-1] != mse_a[-1]
     assert max_param_diff(a.params, b.params) > 1e-6
-    assert b.history["val_acc"][-1] >= a.history["val_acc"][-1] - 0.05  # learns as well
+    # learns as well (the last epochs' mean: single epochs swing by ±5 points)
+    assert np.mean(b.history["val_acc"][-5:]) >= np.mean(a.history["val_acc"][-5:]) - 0.05
 
 
 def test_coarse_phase_on_rank0_or_data_parallel_agree():
@@ -165,8 +166,9 @@ def test_per_class_regression_recovers_one_map_per_class():
 @pytest.mark.parametrize("features", ["state", "state+label", "per-class"])
 def test_held_pairs_give_the_same_fit_as_adding_one_batch_at_a_time(features):
     rng = np.random.default_rng(3)
-    eager = CostateRegression(6, 3, features=features, forgetting=0.9)
-    lazy = CostateRegression(6, 3, features=features, forgetting=0.9, buffer_rows=50)
+    eager = CostateRegression(6, 3, features=features, forgetting=0.9, one_hot=False)
+    lazy = CostateRegression(6, 3, features=features, forgetting=0.9, buffer_rows=50,
+                             one_hot=False)
     for i in range(12):
         x, y = rng.standard_normal((20, 6)), rng.integers(0, 3, 20)
         lam = rng.standard_normal((20, 6))
@@ -186,11 +188,11 @@ def test_held_pairs_give_the_same_fit_as_adding_one_batch_at_a_time(features):
 
 def test_held_pairs_travel_with_the_state():
     rng = np.random.default_rng(4)
-    a = CostateRegression(4, 3, features="per-class")
+    a = CostateRegression(4, 3, features="per-class", one_hot=False)
     for _ in range(3):
         a.add(rng.standard_normal((10, 4)), rng.integers(0, 3, 10), rng.standard_normal((10, 4)),
               refit=False)
-    b = CostateRegression(4, 3, features="per-class")
+    b = CostateRegression(4, 3, features="per-class", one_hot=False)
     b.load_state(a.state())
     assert len(a.state()["held_phi"]) == 30
     x, y, lam = rng.standard_normal((10, 4)), rng.integers(0, 3, 10), rng.standard_normal((10, 4))
@@ -198,6 +200,32 @@ def test_held_pairs_travel_with_the_state():
     b.add(x, y, lam, refit=[0, 2])
     np.testing.assert_array_equal(a.theta, b.theta)
     assert not a.theta[1].any()  # group 1 was not refitted
+
+
+def test_one_hot_products_give_the_class_by_class_fit():
+    rng = np.random.default_rng(5)
+    one_hot = CostateRegression(6, 3, features="per-class", forgetting=0.9, one_hot=True)
+    by_class = CostateRegression(6, 3, features="per-class", forgetting=0.9, one_hot=False)
+    for i in range(8):
+        x, y = rng.standard_normal((20, 6)), rng.integers(0, 3, 20)
+        lam = rng.standard_normal((20, 6))
+        for reg in (one_hot, by_class):
+            reg.add(x, y, lam, refit=reg.due(i + 1, 2))
+    assert not any(h.count for h in one_hot._held)  # nothing held: straight into G, H
+    for reg in (one_hot, by_class):
+        reg.refit()
+    np.testing.assert_allclose(one_hot.G, by_class.G, rtol=1e-12)
+    np.testing.assert_allclose(one_hot.H, by_class.H, rtol=1e-12)
+    np.testing.assert_allclose(one_hot.theta, by_class.theta, rtol=1e-9)
+    xt, yt = rng.standard_normal((9, 6)), rng.integers(0, 3, 9)
+    for dtype in (np.float64, np.float32):
+        got = one_hot.predict(xt.astype(dtype), yt)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, by_class.predict(xt.astype(dtype), yt), rtol=1e-5)
+    # chosen by size: the Swiss roll's 2 classes at n = 32, not MNIST's 10 at n = 128
+    assert CostateRegression(32, 2, features="per-class")._use_one_hot(32)
+    assert not CostateRegression(128, 10, features="per-class")._use_one_hot(128)
+    assert not CostateRegression(32, 2, features="state")._use_one_hot(32)
 
 
 def test_staggered_refits_visit_every_group_once_per_period():

@@ -14,7 +14,16 @@ from .comm import STATE_TAG
 from .partition import describe, layer_costs, partition
 from .trainer import Trainer
 
-EVAL_CHUNK = 4096
+EVAL_CHUNK = 4096  # most samples per evaluation chunk (memory)
+MIN_EVAL_CHUNK = 64  # below this, per-call overheads cost more than the pipeline saves
+
+
+def eval_chunk(n, ranks):
+    """Samples per evaluation chunk for ``n`` samples on ``ranks`` blocks:
+    about ``n / ranks``, so that the blocks work on different chunks at the
+    same time (a pipeline of ``C`` chunks takes ``(C + N − 1) / (N C)`` of one
+    block-after-another pass), within [MIN_EVAL_CHUNK, EVAL_CHUNK]."""
+    return int(min(EVAL_CHUNK, max(MIN_EVAL_CHUNK, -(-n // ranks))))
 
 
 class BlockTrainer(Trainer):
@@ -78,23 +87,29 @@ class BlockTrainer(Trainer):
         return loss
 
     def evaluate(self, X, y):
-        """Pipe ``X`` through the blocks in chunks; the last rank scores it."""
+        """Pipe ``X`` through the blocks in chunks (:func:`eval_chunk`),
+        sent on without waiting; the last rank scores them."""
         comm, sw = self.comm, self.net.state_width
         loss, correct = 0.0, 0
-        for i in range(0, len(y), EVAL_CHUNK):
-            yi = y[i:i + EVAL_CHUNK]
+        chunk = eval_chunk(len(y), comm.size)
+        sends = []
+        for i in range(0, len(y), chunk):
+            yi = y[i:i + chunk]
             if self.block.first:
-                inp = X[i:i + EVAL_CHUNK]
+                inp = X[i:i + chunk]
             else:
                 inp = np.empty((len(yi), sw), dtype=self.net.dtype)
                 comm.recv(inp, self.prev, STATE_TAG)
             ctx = self.block.forward(self.params, inp, store=False)
             if self.next is not None:
-                comm.send(np.ascontiguousarray(ctx.output), self.next, STATE_TAG)
+                out = np.array(ctx.output)  # the next chunk's forward reuses ctx's arrays
+                sends.append((comm.isend(out, self.next, STATE_TAG), out))
             else:
                 l, c = score_stats(self.block.scores(self.params, ctx), yi)
                 loss += l
                 correct += c
+        for request, _ in sends:
+            comm.wait(request)
         return loss, correct
 
     def partition(self):

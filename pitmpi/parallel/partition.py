@@ -30,6 +30,7 @@ a state and co-state at every boundary.
 import numpy as np
 
 from ..errors import ConfigError
+from .regression import one_hot_cheaper
 
 
 ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
@@ -41,7 +42,7 @@ ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
 MATMUL_RATE = {"float64": 2.0e4, "float32": 4.0e4}
 CALL_US = 1.0
 CALLS = {"verlet": 30, "euler": 12, "opening": 8, "classifier": 15}
-REGRESSION_CALL_US = 2.0  # its calls (LAPACK, fancy indexing) are heavier
+REGRESSION_CALL_US = 4.0  # its calls (LAPACK, fancy indexing; measured in a run, caches cold) are heavier
 
 
 def call_cost(net, calls, batch_size, us=CALL_US):
@@ -71,9 +72,12 @@ def regression_cost(net, cfg, batch_size):
 
     Its float64 arithmetic per iteration — pair update ``m (f² + f sw)``,
     refits ``(f³/3 + f² sw)`` per group refitted — and the prediction ``n f
-    sw`` in the network's dtype, plus its calls: about ``11 + 3g`` for the
-    prediction and the pair update with ``g`` groups, 12 per group refit and
-    6 for the error history."""
+    sw`` in the network's dtype, plus its calls: class by class, about ``11 +
+    3g`` for the prediction and the pair update with ``g`` groups, 12 per
+    group refit and 6 for the error history; with the one-hot products
+    (:func:`~pitmpi.parallel.regression.one_hot_cheaper`: ``g`` times the
+    arithmetic of prediction and update) 18, then 8 per refit plus 3 per
+    group refitted, and 6."""
     rg = cfg["regression"]
     sw, c = net.state_width, net.n_classes
     f = sw + 1 + (c if rg["features"] == "state+label" else 0)
@@ -81,11 +85,17 @@ def regression_cost(net, cfg, batch_size):
     n = batch_size
     m = min(rg["pairs_per_batch"] or n, n)
     refits = groups / rg["refit_every"]
-    arrival_us = (m * (f * f + f * sw) + refits * (f ** 3 / 3 + f * f * sw)) / MATMUL_RATE["float64"]
     rate = MATMUL_RATE.get(net.dtype_name, 2.0e4)
-    predict_us = n * f * sw / rate
-    touched = min(groups, m) if groups > 1 else 0
-    calls = (5 + 3 * (groups if groups > 1 else 0)) + (10 + 3 * touched) + 12 * refits + 6
+    one_hot = one_hot_cheaper(groups, n, f, sw)
+    copies = groups if one_hot else 1  # every class's map on every row
+    arrival_us = (copies * m * (f * f + f * sw)
+                  + refits * (f ** 3 / 3 + f * f * sw)) / MATMUL_RATE["float64"]
+    predict_us = copies * n * f * sw / rate
+    if one_hot:
+        calls = 18 + 8 * min(refits, 1) + 3 * refits + 6
+    else:
+        touched = min(groups, m) if groups > 1 else 0
+        calls = (5 + 3 * (groups if groups > 1 else 0)) + (10 + 3 * touched) + 12 * refits + 6
     return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 

@@ -15,6 +15,18 @@ import scipy.linalg.lapack
 
 FEATURES = ("state", "state+label", "per-class")
 
+# With few classes and small states, ``per-class`` handles all classes in one
+# product over one-hot-masked rows instead of one call per class: worth it
+# while the extra arithmetic, (groups − 1) · rows · f (f + sw) multiply-adds,
+# stays under what a class's own calls cost (about 5 µs, 1e5 multiply-adds).
+ONE_HOT_LIMIT = 1e5
+
+
+def one_hot_cheaper(groups, rows, f, sw):
+    """Whether ``rows`` samples of ``groups`` classes (``f`` features, state
+    width ``sw``) are cheaper in one-hot products than class by class."""
+    return groups > 1 and (groups - 1) * rows * f * (f + sw) <= ONE_HOT_LIMIT * groups
+
 
 class CostateRegression:
     """Ridge regression of per-sample co-states on states, with forgetting.
@@ -46,6 +58,11 @@ class CostateRegression:
     buffer_rows : int
         A group's held pairs are folded into its ``G`` and ``H`` when it is
         refitted or when it holds this many.
+    one_hot : bool or None
+        ``per-class`` only: predict and add all classes at once through
+        one-hot-masked products (pairs enter ``G`` and ``H`` at once, none
+        are held) instead of class by class.  None: when that is cheaper
+        (:data:`ONE_HOT_LIMIT`; the Swiss roll's 2 classes, not MNIST's 10).
 
     Attributes
     ----------
@@ -55,7 +72,7 @@ class CostateRegression:
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
-                 pairs_per_batch=0, buffer_rows=1024):
+                 pairs_per_batch=0, buffer_rows=1024, one_hot=None):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
@@ -73,6 +90,16 @@ class CostateRegression:
         self.buffer_rows = int(buffer_rows)
         self._held = [_Held(f, sw) for _ in range(self.groups)]
         self._predictor = {}  # dtype -> (weights, biases) cut from theta
+        self.one_hot = one_hot
+        self._class_ids = np.arange(self.groups)[:, None]
+
+    def _use_one_hot(self, rows):
+        """Whether ``rows`` samples go through the one-hot products."""
+        if self.groups == 1:
+            return False
+        if self.one_hot is not None:
+            return bool(self.one_hot)
+        return one_hot_cheaper(self.groups, rows, self.n_features, self.state_width)
 
     @property
     def n_features(self):
@@ -132,6 +159,20 @@ class CostateRegression:
         phi = self.features(x, y)
         phi *= root
         p = np.multiply(lam, n * root, dtype=np.float64)
+        self.pairs += m
+        if self._use_one_hot(m):
+            # row i of class g: masked[g] keeps it, the other classes see zeros
+            masked = phi * (np.asarray(y) == self._class_ids)[:, :, None]
+            masked_t = masked.transpose(0, 2, 1)
+            self.G += masked_t @ masked
+            self.H += masked_t @ p
+        else:
+            self._hold(phi, p, y, m)
+        if refit:
+            self.refit(None if refit is True else refit)
+
+    def _hold(self, phi, p, y, m):
+        """Keep weighted pairs in their groups' buffers until those are refitted."""
         order, segments = self._segments(y, m)
         if order is not None:
             phi, p = phi[order], p[order]
@@ -140,13 +181,12 @@ class CostateRegression:
             if held.count + (rows.stop - rows.start) > self.buffer_rows:
                 self.flush([g])
             held.append(phi[rows], p[rows])
-        self.pairs += m
-        if refit:
-            self.refit(None if refit is True else refit)
 
     def flush(self, groups=None):
         """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
         for g in (range(self.groups) if groups is None else groups):
+            if not self._held[g].count:
+                continue
             phi, p = self._held[g].take()
             if len(phi):
                 self.G[g] += phi.T @ phi
@@ -168,16 +208,21 @@ class CostateRegression:
         """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK
         ``posv``), ``ρ_g = ridge · mean(diag G_g)``, for ``groups`` (default:
         all); a group without pairs gets ``Θ_g = 0``."""
+        groups = list(range(self.groups)) if groups is None else list(groups)
+        if not groups:
+            return self.theta
         self.flush(groups)
         f = self.n_features
-        for g in (range(self.groups) if groups is None else groups):
-            scale = np.trace(self.G[g]) / f
-            if scale <= 0:
+        A, H = self.G[groups], self.H[groups]  # copies
+        scale = np.einsum("gii->g", A) / f
+        A.reshape(len(groups), -1)[:, ::f + 1] += self.ridge * scale[:, None]
+        for i, g in enumerate(groups):
+            if scale[i] <= 0:
                 self.theta[g] = 0.0
                 continue
-            A = self.G[g].copy()
-            A.flat[::f + 1] += self.ridge * scale
-            _, theta, info = scipy.linalg.lapack.dposv(A, self.H[g], overwrite_a=True)
+            # A[i] is symmetric, so its transpose is the same matrix in
+            # Fortran order: LAPACK works on it in place
+            _, theta, info = scipy.linalg.lapack.dposv(A[i].T, H[i], overwrite_a=True)
             if info != 0:  # not positive definite (no ridge): least-squares solution
                 theta = np.linalg.lstsq(self.G[g], self.H[g], rcond=None)[0]
             self.theta[g] = theta
@@ -204,6 +249,10 @@ class CostateRegression:
         if self.groups == 1:
             lam = x @ W[0]
             lam += offsets[np.asarray(y)] if self.kind == "state+label" else offsets[0]
+        elif self._use_one_hot(n):
+            y = np.asarray(y)
+            lam = np.matmul(x, W)[y, np.arange(n)]  # every class's map, each row's own
+            lam += offsets[y]
         else:
             order, segments = self._segments(y, n)
             xs = x[order]

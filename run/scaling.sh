@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Strong-scaling check of the cost model at several rank counts (one node).
+#
+#   run/scaling.sh OUTDIR                       # Swiss roll, L = 64 and 256, 2 4 8 16 ranks
+#   LAYERS="256 512" RANKS="4 8" EPOCHS=50 REPEATS=2 run/scaling.sh OUTDIR
+#
+# For each depth it writes the cost model's prediction from constants measured
+# on this node (cost_model-L*.md), then runs serial (1 rank), data-parallel
+# and pit at each rank count with one BLAS thread per rank (run/bench.py) and
+# keeps each rank count's summary (summary-nN.md).  Compare the model's "pit
+# efficiency per iteration" with the summaries' iter-eff column.  Needs as
+# many cores as the largest rank count.
+set -euo pipefail
+out=${1:?usage: run/scaling.sh OUTDIR}
+layers=${LAYERS:-64 256}
+ranks=${RANKS:-2 4 8 16}
+epochs=${EPOCHS:-50}
+repeats=${REPEATS:-2}
+config=${CONFIG:-run/swissroll.toml}
+coarse=${COARSE_ITERATIONS:-600}
+iters_per_epoch=${ITERS_PER_EPOCH:-16}   # Swiss roll: 512 samples / batch 32
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+for L in $layers; do
+    "$py" "$here/cost_model.py" --layers "$L" --iterations $((epochs * iters_per_epoch)) \
+        --coarse-iterations "$coarse" | tee "$out/cost_model-L$L.md"
+done
+for N in $ranks; do
+    "$py" "$here/bench.py" --config "$config" --layers $layers \
+        --methods serial data-parallel pit --ranks "$N" --repeats "$repeats" \
+        --scale-lr 32 --set "train.epochs=$epochs" --out "$out"
+    cp "$out/summary.md" "$out/summary-n$N.md"
+done
+for f in "$out"/L*-pit-n*-r0.h5; do
+    echo "## $(basename "$f")"
+    "$py" -m pitmpi report "$f"
+done > "$out/pit-per-rank.md"
