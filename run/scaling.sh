@@ -2,7 +2,7 @@
 # Strong-scaling check of the cost model at several rank counts (one node).
 #
 #   run/scaling.sh OUTDIR                       # Swiss roll, L = 64 and 256, 2 4 8 16 ranks
-#   LAYERS="256 512" RANKS="4 8" EPOCHS=50 REPEATS=2 run/scaling.sh OUTDIR
+#   LAYERS="256 512" RANKS="4 8" EPOCHS=50 REPEATS=2 METHODS="serial pit" run/scaling.sh OUTDIR
 #
 # For each depth it writes the cost model's prediction from constants measured
 # on this node (cost_model-L*.md), then runs serial (1 rank), data-parallel
@@ -17,6 +17,7 @@ ranks=${RANKS:-2 4 8 16}
 epochs=${EPOCHS:-50}
 repeats=${REPEATS:-2}
 config=${CONFIG:-run/swissroll.toml}
+methods=${METHODS:-serial data-parallel pit}
 coarse=${COARSE_ITERATIONS:-600}
 iters_per_epoch=${ITERS_PER_EPOCH:-16}   # Swiss roll: 512 samples / batch 32
 py=${PYTHON:-python3}
@@ -30,7 +31,7 @@ for L in $layers; do
 done
 for N in $ranks; do
     "$py" "$here/bench.py" --config "$config" --layers $layers \
-        --methods serial data-parallel pit --ranks "$N" --repeats "$repeats" \
+        --methods $methods --ranks "$N" --repeats "$repeats" \
         --scale-lr 32 --set "train.epochs=$epochs" --out "$out"
     cp "$out/summary.md" "$out/summary-n$N.md"
 done
