@@ -8,8 +8,11 @@ Measures, on this machine and one BLAS thread:
 - ``c_open``, ``c_cls``: the opening and classifier layers, same form;
 - ``t_msg``: one ``Sendrecv`` of an ``n × sw`` state between two ranks
   (measured with ``mpiexec -n 2`` if available, else taken as 0);
-- ``t_reg``: one regression prediction + pair update + refit at a boundary;
-- ``t_red``: one ``Allreduce`` of all parameters (data-parallel).
+- ``t_reg``: one regression prediction + pair update + refit at a boundary
+  (in a tight loop: a real run pays more, see ``run/scaling_check.py``);
+
+and estimates ``t_red``, one ``Allreduce`` of all parameters (data-parallel),
+from their bytes at 5 GB/s (not measured).
 
 Model, per iteration, with ``L`` layers balanced over ``N`` blocks:
 
@@ -24,6 +27,8 @@ run of ``K`` iterations has efficiency ``K T1 / (N (C + K TN))``.
     python run/cost_model.py --layers 256 --width 16 --batch 32 --iterations 2400
 
 prints the measured constants and the predicted efficiency for 2 … 64 ranks.
+The model assumes every rank runs at the speed measured here alone;
+``run/scaling_check.py`` compares that with what real runs recorded.
 """
 import argparse
 import os

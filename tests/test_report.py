@@ -70,3 +70,29 @@ def test_report_errors(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert report([str(bad), "--target", "1.5"]) == 2
     assert "--target 1.5: expected a validation accuracy" in capsys.readouterr().err
+
+
+def test_scaling_check_splits_pit_iteration_against_serial(sweep, capsys):
+    import importlib.util
+    import pathlib
+
+    import h5py
+    path = pathlib.Path(__file__).parents[1] / "run" / "scaling_check.py"
+    spec = importlib.util.spec_from_file_location("scaling_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    serial, pit = sweep[2], sweep[3]  # 8 layers
+    check.main([serial, pit])
+    row = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")
+    with h5py.File(serial) as f:
+        t1 = f["timing/train_wall"][()] / len(f["history/loss"])
+    with h5py.File(pit) as f:
+        n = len(f["history/loss"])
+        tn = (f["timing/train_wall"][()] - max(f["timing/coarse_wall"][()])) / n
+        reg = f["timing/rank_regression"][0] / n
+    assert row[:2] == ["2", "4"]
+    assert float(row[2]) == pytest.approx(1e3 * tn, abs=1e-3)
+    assert float(row[3]) == pytest.approx(t1 / (2 * tn), abs=0.006)
+    assert float(row[4]) == pytest.approx(1e3 * reg, abs=1e-3)
+    with pytest.raises(SystemExit, match="expected 'serial'"):
+        check.main([pit, pit])

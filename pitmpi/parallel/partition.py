@@ -22,7 +22,7 @@ rate of the dtype and spread over the batch: a Verlet layer makes about 30
 calls, and on small problems (the Swiss roll: n = 32, w = 16) that is half its
 time.  ``pit``'s regression is costed the same way (its own arithmetic, in
 float64, plus its calls), which is what puts it at about three layers there
-(measured: 0.22 ms against 64 µs a layer) but one on MNIST.  The partition depends on the config only,
+(measured in a run: 0.18–0.22 ms against ~62 µs a layer) but about 1.4 on MNIST.  The partition depends on the config only,
 never on timings, so runs stay reproducible.  Block boundaries lie on the
 coarse grid (multiples of the coarsening factor) so that the coarse model has
 a state and co-state at every boundary.
