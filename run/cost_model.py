@@ -8,8 +8,9 @@ Measures, on this machine and one BLAS thread:
 - ``c_open``, ``c_cls``: the opening and classifier layers, same form;
 - ``t_msg``: one ``Sendrecv`` of an ``n × sw`` state between two ranks
   (measured with ``mpiexec -n 2`` if available, else taken as 0);
-- ``t_reg``: one regression prediction + pair update + refit at a boundary
-  (in a tight loop: a real run pays more, see ``run/scaling_check.py``);
+- ``t_reg``: one regression prediction + error record + pair update + refit
+  at a boundary, timed after a block's layers as in a run (caches cold:
+  1.5–2× ``t_reg_alone``, the same in a tight loop);
 
 and estimates ``t_red``, one ``Allreduce`` of all parameters (data-parallel),
 from their bytes at 5 GB/s (not measured).
@@ -28,7 +29,9 @@ run of ``K`` iterations has efficiency ``K T1 / (N (C + K TN))``.
 
 prints the measured constants and the predicted efficiency for 2 … 64 ranks.
 The model assumes every rank runs at the speed measured here alone;
-``run/scaling_check.py`` compares that with what real runs recorded.
+``--slowdown S`` scales the ranks' layer time when several run at once (S
+from ``run/scaling_check.py``, which compares the model's terms with what
+real runs recorded, or from ``run/loadtest.sh``).
 """
 import argparse
 import os
@@ -40,7 +43,7 @@ import numpy as np
 
 from pitmpi import ResNet
 from pitmpi.optim import SGD
-from pitmpi.parallel.regression import CostateRegression
+from pitmpi.parallel.regression import CostateRegression, prediction_errors
 
 PINGPONG = r"""
 import sys, time, numpy as np
@@ -60,7 +63,8 @@ if c.rank == 0:
 """
 
 
-def time_block(net, params, a, b, n, rng):
+def block_step(net, params, a, b, n, rng):
+    """One forward + backward + update of layers ``[a, b)`` for ``n`` samples."""
     blk = net.block(a, b)
     local = blk.local_params(params)
     opt = SGD(local, 0.9)
@@ -75,8 +79,16 @@ def time_block(net, params, a, b, n, rng):
                                    y=y if blk.last else None)
         opt.step(local, grads, 1e-6)
 
-    once()
-    return min(timeit.repeat(once, number=20, repeat=5)) / 20
+    return once
+
+
+def seconds(fn, number=20):
+    fn()
+    return min(timeit.repeat(fn, number=number, repeat=5)) / number
+
+
+def time_block(net, params, a, b, n, rng):
+    return seconds(block_step(net, params, a, b, n, rng))
 
 
 def measure(args):
@@ -99,11 +111,20 @@ def measure(args):
     yy = rng.integers(0, args.classes, args.batch)
     reg.add(x, yy, x)
 
-    def reg_once():
-        reg.predict(x, yy)
+    def reg_once():  # what a boundary does per iteration, refit every arrival
+        prediction_errors(reg.predict(x, yy), x)
         reg.add(x, yy, x)
 
-    t_reg = min(timeit.repeat(reg_once, number=50, repeat=5)) / 50
+    t_reg_alone = seconds(reg_once, 50)
+    # in a run the regression follows a block's layers, which push its arrays
+    # out of the caches: time it there, as the difference with the block alone
+    block = block_step(net, params, 4, 12, args.batch, rng)
+
+    def block_and_reg():
+        block()
+        reg_once()
+
+    t_reg = max(seconds(block_and_reg) - seconds(block), t_reg_alone)
     flat = np.ones(sum(v.size for v in params.values()) * args.layers // L)
     t_red = 2 * flat.nbytes / 5e9  # shared-memory copy bandwidth, rough
     t_msg = 0.0
@@ -116,14 +137,15 @@ def measure(args):
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
         print("(no mpiexec: message time taken as 0)")
     return {"a": a, "b": b, "open": out[n1][1], "cls": out[n1][2], "t_msg": t_msg,
-            "t_reg": t_reg, "t_red": t_red}
+            "t_reg": t_reg, "t_reg_alone": t_reg_alone, "t_red": t_red}
 
 
-def predict(k, L, n, N, iterations, coarse_iters, factor):
+def predict(k, L, n, N, iterations, coarse_iters, factor, slowdown=1.0):
     layer = k["a"] + k["b"] * n
     T1 = L * layer + k["open"] + k["cls"]
-    TN = T1 / N + (2 * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
-    TD = L * (k["a"] + k["b"] * n / N) + (k["open"] + k["cls"]) / N + (k["t_red"] if N > 1 else 0)
+    s = slowdown if N > 1 else 1.0
+    TN = s * T1 / N + (2 * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
+    TD = s * (L * (k["a"] + k["b"] * n / N) + (k["open"] + k["cls"]) / N) + (k["t_red"] if N > 1 else 0)
     # with one rank pit is serial: no coarse phase
     C = coarse_iters * ((L // factor) * (k["a"] + k["b"] * n / N) + k["t_red"]) if N > 1 else 0.0
     return {"T1": T1, "pit_iter": TN, "pit_eff_iter": T1 / (N * TN),
@@ -144,6 +166,8 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=2400, help="fine iterations of the run")
     p.add_argument("--coarse-iterations", type=int, default=300)
     p.add_argument("--factor", type=int, default=2)
+    p.add_argument("--slowdown", type=float, default=1.0,
+                   help="ranks' layer time when N run at once / alone (default 1)")
     args = p.parse_args(argv)
     k = measure(args)
     print("measured (seconds): " + ", ".join(f"{n} = {v:.3g}" for n, v in k.items()))
@@ -156,7 +180,7 @@ def main(argv=None):
         if args.layers // N < args.factor:
             break
         e = predict(k, args.layers, args.batch, N, args.iterations, args.coarse_iterations,
-                    args.factor)
+                    args.factor, args.slowdown)
         print(f"| {N} | {args.layers // N} | {1e3 * e['pit_iter']:.3f} | {e['pit_eff_iter']:.2f} "
               f"| {e['pit_eff_run']:.2f} | {e['dp_eff']:.2f} |")
 
