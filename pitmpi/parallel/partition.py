@@ -22,8 +22,9 @@ rate of the dtype and spread over the batch: a Verlet layer makes about 30
 calls, and on small problems (the Swiss roll: n = 32, w = 16) that is half its
 time.  ``pit``'s regression is costed the same way (its own arithmetic, in
 float64, plus its calls), which is what puts it at about three layers there
-(measured in a run: 0.18–0.22 ms against ~62 µs a layer) but about 1.4 on MNIST.  The partition depends on the config only,
-never on timings, so runs stay reproducible.  Block boundaries lie on the
+(measured in a run: 0.18–0.22 ms against ~62 µs a layer) but about 1.4 on
+MNIST.  The partition depends on the config only, never on timings, so runs
+stay reproducible.  Block boundaries lie on the
 coarse grid (multiples of the coarsening factor) so that the coarse model has
 a state and co-state at every boundary.
 """
@@ -42,7 +43,7 @@ ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
 MATMUL_RATE = {"float64": 2.0e4, "float32": 4.0e4}
 CALL_US = 1.0
 CALLS = {"verlet": 30, "euler": 12, "opening": 8, "classifier": 15}
-REGRESSION_CALL_US = 4.0  # its calls (LAPACK, fancy indexing; measured in a run, caches cold) are heavier
+REGRESSION_CALL_US = 4.0  # heavier calls (LAPACK, fancy indexing), as measured in a run
 
 
 def call_cost(net, calls, batch_size, us=CALL_US):

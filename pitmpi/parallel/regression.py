@@ -188,9 +188,8 @@ class CostateRegression:
             if not self._held[g].count:
                 continue
             phi, p = self._held[g].take()
-            if len(phi):
-                self.G[g] += phi.T @ phi
-                self.H[g] += phi.T @ p
+            self.G[g] += phi.T @ phi
+            self.H[g] += phi.T @ p
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
