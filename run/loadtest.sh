@@ -28,16 +28,13 @@ for k in $copies; do
 done
 "$py" - "$out" $copies <<'PY'
 import glob, statistics, sys
-import h5py
+from pitmpi.report import load
 out, copies = sys.argv[1], sys.argv[2:]
 print("| busy cores k | ms/iter min | median | max | median / median at k = 1 |")
 print("| ---: | ---: | ---: | ---: | ---: |")
 base = None
 for k in copies:
-    t = []
-    for path in glob.glob(f"{out}/k{k}-*.h5"):
-        with h5py.File(path, "r") as f:
-            t.append(1e3 * float(f["timing/train_wall"][()]) / len(f["history/loss"]))
+    t = [1e3 * r.wall / r.iterations for r in map(load, glob.glob(f"{out}/k{k}-*.h5"))]
     m = statistics.median(t)
     base = base or m
     print(f"| {k} | {min(t):.3f} | {m:.3f} | {max(t):.3f} | {m / base:.2f} |")

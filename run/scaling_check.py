@@ -24,24 +24,24 @@ script says which of its assumptions a real run on the same machine broke.
 import argparse
 import sys
 
-import h5py
 import numpy as np
+
+from pitmpi.errors import UserError
+from pitmpi.report import load
 
 
 def figures(path):
-    with h5py.File(path, "r") as f:
-        iters = len(f["history/loss"])
-        wall = float(f["timing/train_wall"][()])
-        coarse = float(np.max(f["timing/coarse_wall"][()]))
-        out = {"path": path, "method": f.attrs["method"], "ranks": int(f.attrs["ranks"]),
-               "iters": iters, "ms": 1e3 * (wall - coarse) / iters,
-               "compute": 1e3 * f["timing/rank_compute"][()] / iters,
-               "regression": 1e3 * f["timing/rank_regression"][()] / iters}
-        if "partition" in f:
-            part = f["partition"][()]
-            out["layers"] = part[:, 1] - part[:, 0]
-            out["L"] = int(part[-1, 1])
-        return out
+    run = load(path)
+    t, n = run.timing, run.iterations
+    out = {"path": path, "method": run.method, "ranks": run.ranks, "iters": n,
+           "ms": 1e3 * (run.wall - float(np.max(t["coarse_wall"]))) / n,
+           "compute": 1e3 * np.asarray(t["rank_compute"]) / n,
+           "regression": 1e3 * np.asarray(t["rank_regression"]) / n}
+    if "partition" in run.extra:
+        part = np.asarray(run.extra["partition"])
+        out["layers"] = part[:, 1] - part[:, 0]
+        out["L"] = int(part[-1, 1])
+    return out
 
 
 def check(serial, pit):
@@ -65,14 +65,17 @@ def main(argv=None):
     p.add_argument("serial", help="output file of the serial run (1 rank)")
     p.add_argument("pit", nargs="+", help="output files of pit runs")
     args = p.parse_args(argv)
-    serial = figures(args.serial)
+    try:
+        serial = figures(args.serial)
+        pits = [figures(path) for path in args.pit]
+    except UserError as e:
+        sys.exit(str(e))
     if serial["method"] != "serial":
         sys.exit(f"{args.serial}: method {serial['method']!r}, expected 'serial'")
     rows = []
-    for path in args.pit:
-        pit = figures(path)
+    for pit in pits:
         if pit["method"] != "pit" or "layers" not in pit:
-            sys.exit(f"{path}: method {pit['method']!r}, expected 'pit'")
+            sys.exit(f"{pit['path']}: method {pit['method']!r}, expected 'pit'")
         rows.append(check(serial, pit))
     print(f"serial: {serial['ms']:.3f} ms/iter ({args.serial})\n")
     head = list(rows[0])
