@@ -14,6 +14,7 @@ import numpy as np
 from .kernels import (ACTIVATIONS, SCHEMES, Activation, Workspace, classifier_loss_and_grad,
                       opening_backward, opening_forward, scores)
 from .kernels.workspace import scratch
+from .optim import SGD
 
 PARAM_NAMES = ("open.K", "open.b", "K", "b", "cls.W", "cls.b")
 OPENING = ("open.K", "open.b")
@@ -289,39 +290,53 @@ class Block:
         elif lam_out is None:
             raise ValueError(f"{self!r} is not last: it needs the co-state at its right end")
         K, ws, dt = params["K"], self.ws, net.dtype
-        gK = scratch(ws, "gK", K.shape, dt)
-        gb = scratch(ws, "gb", params["b"].shape, dt)
+        gK = scratch(ws, GRADIENT_SLOTS["K"], K.shape, dt)
+        gb = scratch(ws, GRADIENT_SLOTS["b"], params["b"].shape, dt)
         lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb, ws)
         grads["K"], grads["b"] = gK, gb
         if self.first:
             grads["open.K"], grads["open.b"] = opening_backward(
                 ctx.inp, ctx.S0, lam_in[:, :w], net.act,
-                out=scratch(ws, "gKo", params["open.K"].shape, dt))
+                out=scratch(ws, GRADIENT_SLOTS["open.K"], params["open.K"].shape, dt))
             lam_in = None
         return lam_in, grads, stats
 
-    def decay(self, params):
-        """This block's part of the weight-decay term of the loss."""
+    def decay_factors(self):
+        """Weight-decay factor of each parameter (``βh`` for ``K, b``, ``β``
+        for the opening layer and classifier), or None without weight decay."""
         beta = self.net.weight_decay
         if beta == 0.0:
-            return 0.0
-        total = 0.0
-        for name in self.param_names:
-            sq = float(np.vdot(params[name], params[name]))
-            total += self.net.h * sq if name in LAYERS else sq
-        return 0.5 * beta * total
+            return None
+        return {name: beta * self.net.h if name in LAYERS else beta for name in self.param_names}
+
+    def decay(self, params):
+        """This block's part of the weight-decay term of the loss."""
+        factors = self.decay_factors() or {}
+        return 0.5 * sum(f * float(np.vdot(params[name], params[name]))
+                         for name, f in factors.items())
 
     def add_decay_grad(self, params, grads):
         """Add the weight-decay gradient (``βhK``, ``βhb``, ``βKo``, ...) in place."""
-        beta = self.net.weight_decay
-        if beta == 0.0:
-            return grads
-        for name in self.param_names:
-            scale = beta * self.net.h if name in LAYERS else beta
+        for name, f in (self.decay_factors() or {}).items():
             p = params[name]
             tmp = scratch(self.ws, "decay." + name, p.shape, p.dtype)
-            grads[name] += np.multiply(p, scale, out=tmp)
+            grads[name] += np.multiply(p, f, out=tmp)
         return grads
+
+    def optimizer(self, params, momentum):
+        """An :class:`~pitmpi.optim.SGD` for this block's ``params`` (moved
+        into its buffer) with the block's weight decay; with a reused
+        workspace the adjoint then writes the layers' and the opening layer's
+        gradients straight into the optimizer's gradient buffer."""
+        opt = SGD(params, momentum, self.decay_factors())
+        if self.ws is not None:
+            for name, where in GRADIENT_SLOTS.items():
+                if name in opt.grads:
+                    self.ws.adopt(where, opt.grads[name])
+        return opt
+
+
+GRADIENT_SLOTS = {"K": "gK", "b": "gb", "open.K": "gKo"}  # parameter: workspace name in backward
 
 
 def join_blocks(parts):

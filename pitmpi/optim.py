@@ -3,32 +3,110 @@ import numpy as np
 
 
 class SGD:
-    """Stochastic gradient descent with heavy-ball momentum.
+    """Stochastic gradient descent with heavy-ball momentum and weight decay.
 
-    ``v ← μ v + g``, ``p ← p − η v`` for every parameter, in place; the update
-    of a parameter depends on that parameter alone, so a block of layers
-    updated on its own rank matches the whole network updated at once, bit
-    for bit.
+    ``g ← g + β_p p``, ``v ← μ v + g``, ``p ← p − η v`` for every parameter,
+    in place; the update of a parameter depends on that parameter alone, so
+    a block of layers updated on its own rank matches the whole network
+    updated at once, bit for bit.
+
+    The parameters move into one contiguous buffer: the entries of the dict
+    given become views of it, and :attr:`grads` holds views of a gradient
+    buffer of the same layout (a caller that computes its gradients there
+    saves a copy; see :meth:`pitmpi.model.Block.write_gradients_into`).  An
+    update is then seven whole-buffer operations instead of about six per
+    parameter, which on small networks is most of its cost (measured: 66 →
+    ~15 µs an iteration for a Swiss-roll block of four parameters).
 
     Parameters
     ----------
     params : dict of str to ndarray
-        Only the names are used (to create the velocities).
+        All of one dtype; its entries are replaced by views of the buffer.
     momentum : float
+    decay : dict of str to float, optional
+        Weight-decay factor ``β_p`` of each parameter (its gradient is
+        ``β_p p`` and its loss term ``β_p p² / 2``); None: no weight decay.
     """
 
-    def __init__(self, params, momentum):
+    def __init__(self, params, momentum, decay=None):
         self.momentum = float(momentum)
-        self.velocity = {k: np.zeros_like(v) for k, v in params.items()}
-        self._step = {k: np.empty_like(v) for k, v in params.items()}
+        dtypes = {v.dtype for v in params.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"SGD needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        dtype = dtypes.pop()
+        self.slots = {}
+        end = 0
+        for name, v in params.items():
+            self.slots[name] = (slice(end, end + v.size), v.shape)
+            end += v.size
+        self.flat = np.empty(end, dtype)
+        self.grad_flat = np.zeros(end, dtype)
+        self.velocity_flat = np.zeros(end, dtype)
+        self._tmp = np.empty(end, dtype)
+        for name in params:
+            view = self.view(self.flat, name)
+            view[...] = params[name]
+            params[name] = view
+        self.params = dict(params)
+        self.grads = {name: self.view(self.grad_flat, name) for name in params}
+        self.velocity = {name: self.view(self.velocity_flat, name) for name in params}
+        self.decay = None
+        if decay is not None:
+            self.decay = np.empty(end, dtype)
+            for name in params:
+                self.decay[self.slots[name][0]] = decay[name]
+
+    def view(self, flat, name):
+        """Parameter ``name``'s part of a buffer of this layout."""
+        where, shape = self.slots[name]
+        return flat[where].reshape(shape)
+
+    def load_velocity(self, velocity):
+        """Set the momentum state from a dict of arrays of the parameters' shapes."""
+        for name, v in self.velocity.items():
+            v[...] = velocity[name]
+
+    def collect(self, grads):
+        """Copy into :attr:`grads` (so into :attr:`grad_flat`) the gradients
+        that are not there already; returns :attr:`grads`."""
+        for name, g in grads.items():
+            if g is not self.grads[name]:
+                np.copyto(self.grads[name], g)
+        return self.grads
 
     def step(self, params, grads, lr):
-        """Update ``params`` in place from ``grads`` with learning rate ``lr``."""
-        for name, g in grads.items():
-            v = self.velocity[name]
-            v *= self.momentum
-            v += g
-            params[name] -= np.multiply(v, lr, out=self._step[name])
+        """Add weight decay to ``grads``, then update ``params`` in place with
+        learning rate ``lr``.
+
+        Parameters
+        ----------
+        params : dict of str to ndarray
+            The dict given to the constructor (its entries untouched since).
+        grads : dict of str to ndarray
+            Gradients, same keys; those not already in :attr:`grads` are
+            copied there.
+
+        Returns
+        -------
+        float
+            The weight-decay term of the loss, ``Σ β_p p² / 2``, at the
+            parameters before the update.
+        """
+        for name in grads:
+            if params[name] is not self.params[name]:
+                raise ValueError(f"parameter {name!r} was replaced after the optimizer took "
+                                 "it; build a new optimizer for new parameters")
+        self.collect(grads)
+        penalty = 0.0
+        if self.decay is not None:
+            scaled = np.multiply(self.flat, self.decay, out=self._tmp)
+            penalty = 0.5 * float(np.dot(scaled, self.flat))
+            self.grad_flat += scaled
+        v = self.velocity_flat
+        v *= self.momentum
+        v += self.grad_flat
+        self.flat -= np.multiply(v, lr, out=self._tmp)
+        return penalty
 
 
 class Schedule:

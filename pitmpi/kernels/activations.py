@@ -61,6 +61,15 @@ class Activation:
             np.multiply(lam, s > 0, out=out)
         return out
 
+    def derivative(self, s, out):
+        """Write ``σ'(A)`` into ``out``, given ``s = σ(A)`` (any shape)."""
+        if self.name == "tanh":
+            np.multiply(s, s, out=out)
+            np.subtract(1.0, out, out=out)
+        else:
+            np.greater(s, 0, out=out)
+        return out
+
     def __repr__(self):
         return f"Activation({self.name!r})"
 

@@ -13,7 +13,7 @@ block's own layers), so a full network is the block ``[0, L)``.
 """
 import numpy as np
 
-from .workspace import scratch
+from .workspace import layers_per_chunk, scratch
 
 
 def state_width(width):
@@ -110,16 +110,26 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None):
     """
     if not traj.stored:
         raise ValueError("the Euler adjoint needs the stored trajectory (forward with store=True)")
+    m = K.shape[0]
+    n, w = lam.shape
+    dt = lam.dtype
     lam = np.array(lam, copy=True)
-    D = scratch(ws, "D", lam.shape, lam.dtype)
-    tmp = scratch(ws, "tmp", lam.shape, lam.dtype)
-    for j in range(K.shape[0] - 1, -1, -1):
-        act.scale_by_derivative(traj.S[j], lam, out=D)
-        np.matmul(D.T, traj.Y[j], out=gK[j])
-        gK[j] *= h
-        np.sum(D, axis=0, out=gb[j])
-        gb[j] *= h
-        np.matmul(D, K[j], out=tmp)
-        tmp *= h
-        lam += tmp
+    tmp = scratch(ws, "tmp", lam.shape, dt)
+    # only the co-state recursion is sequential: per chunk of layers, σ' at
+    # once, then the recursion keeping each layer's D, then the chunk's weight
+    # gradients in batched products (three calls a layer with small layers)
+    c = layers_per_chunk(m, n * w * dt.itemsize)
+    D = scratch(ws, "D", (c, n, w), dt)
+    hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
+    for hi in range(m, 0, -c):
+        lo = max(hi - c, 0)
+        d = act.derivative(traj.S[lo:hi], D[:hi - lo])
+        for i in range(hi - lo - 1, -1, -1):
+            d[i] *= lam
+            np.matmul(d[i], hK[lo + i], out=tmp)
+            lam += tmp
+        np.matmul(d.transpose(0, 2, 1), traj.Y[lo:hi], out=gK[lo:hi])
+        np.sum(d, axis=1, out=gb[lo:hi])
+    gK *= h
+    gb *= h
     return lam

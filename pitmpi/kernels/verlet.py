@@ -19,7 +19,7 @@ the price of a second forward sweep.
 """
 import numpy as np
 
-from .workspace import scratch
+from .workspace import layers_per_chunk, scratch
 
 
 def state_width(width):
@@ -133,48 +133,91 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None):
     """
     m, w = K.shape[0], K.shape[1]
     n, dt = lam.shape[0], lam.dtype
-    lamY, lamZ, E, F, tmp = (scratch(ws, name, (n, w), dt)
-                             for name in ("lamY", "lamZ", "E", "F", "tmp"))
+    lamY, lamZ, tmp = (scratch(ws, name, (n, w), dt) for name in ("lamY", "lamZ", "tmp"))
     lamY[...] = lam[:, :w]
     lamZ[...] = lam[:, w:]
-    gtmp = scratch(ws, "gtmp", (w, w), dt)
-    rebuild = not traj.stored
-    if rebuild:
-        Yn, Zn, Yj, Zj, sa, sb = (scratch(ws, name, (n, w), dt)
-                                  for name in ("Yn", "Zn", "Yj", "Zj", "sa", "sb"))
-        Yn[...] = traj.end[:, :w]
-        Zn[...] = traj.end[:, w:]
+    if traj.stored:
+        _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws)
+    else:
+        _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws)
+    return np.hstack([lamY, lamZ])
+
+
+def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
+    """The adjoint sweep over a stored trajectory, in place on ``lamY, lamZ``.
+
+    Only the co-state recursion is sequential.  Layers are taken in chunks
+    of about ``CHUNK_BYTES`` per array (so what a chunk touches stays in
+    cache): ``σ'`` of the whole chunk first, then the recursion keeping each
+    layer's ``E, F``, then the chunk's weight gradients in batched products.
+    With small layers a layer costs six NumPy calls instead of twenty.
+    """
+    m, w = K.shape[0], K.shape[1]
+    n, dt = lamY.shape[0], lamY.dtype
+    c = layers_per_chunk(m, n * w * dt.itemsize)
+    E = scratch(ws, "E", (c, n, w), dt)  # σ'(B_j), then ⊙ Λ^Y_{j+1}
+    F = scratch(ws, "F", (c, n, w), dt)  # σ'(A_j), then ⊙ Λ^Z_j
+    G = scratch(ws, "gtmp", (c, w, w), dt)
+    hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
+    hKT = hK.transpose(0, 2, 1)
+    for hi in range(m, 0, -c):
+        lo = max(hi - c, 0)
+        e, f, g = E[:hi - lo], F[:hi - lo], G[:hi - lo]
+        act.derivative(traj.SB[lo:hi], e)
+        act.derivative(traj.SA[lo:hi], f)
+        for i in range(hi - lo - 1, -1, -1):
+            e[i] *= lamY
+            np.matmul(e[i], hK[lo + i], out=tmp)
+            lamZ += tmp
+            f[i] *= lamZ
+            np.matmul(f[i], hKT[lo + i], out=tmp)
+            lamY -= tmp
+        # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j)
+        np.matmul(e.transpose(0, 2, 1), traj.Z[lo + 1:hi + 1], out=gK[lo:hi])
+        np.matmul(traj.Y[lo:hi].transpose(0, 2, 1), f, out=g)
+        gK[lo:hi] -= g
+        np.sum(e, axis=1, out=gb[lo:hi])
+        gb[lo:hi] -= f.sum(axis=1)
+    gK *= h
+    gb *= h
+
+
+def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
+    """The adjoint sweep rebuilding each state from the next (``store=False``):
+    memory independent of depth, one layer at a time."""
+    m, w = K.shape[0], K.shape[1]
+    n, dt = lamY.shape[0], lamY.dtype
+    E, F = (scratch(ws, name, (n, w), dt) for name in ("E1", "F1"))
+    gtmp = scratch(ws, "gtmp1", (w, w), dt)
+    Yn, Zn, Yj, Zj, sa, sb = (scratch(ws, name, (n, w), dt)
+                              for name in ("Yn", "Zn", "Yj", "Zj", "sa", "sb"))
+    Yn[...] = traj.end[:, :w]
+    Zn[...] = traj.end[:, w:]
     for j in range(m - 1, -1, -1):
-        if rebuild:
-            # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
-            np.matmul(Zn, K[j].T, out=sb)
-            sb += b[j]
-            act.apply(sb)
-            np.multiply(sb, -h, out=Yj)
-            Yj += Yn
-            np.matmul(Yj, K[j], out=sa)
-            sa += b[j]
-            act.apply(sa)
-            np.multiply(sa, h, out=Zj)
-            Zj += Zn
-            Y_j, Z_next, sa_j, sb_j = Yj, Zn, sa, sb
-        else:
-            Y_j, Z_next, sa_j, sb_j = traj.Y[j], traj.Z[j + 1], traj.SA[j], traj.SB[j]
-        act.scale_by_derivative(sb_j, lamY, out=E)
+        # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
+        np.matmul(Zn, K[j].T, out=sb)
+        sb += b[j]
+        act.apply(sb)
+        np.multiply(sb, -h, out=Yj)
+        Yj += Yn
+        np.matmul(Yj, K[j], out=sa)
+        sa += b[j]
+        act.apply(sa)
+        np.multiply(sa, h, out=Zj)
+        Zj += Zn
+        act.scale_by_derivative(sb, lamY, out=E)
         np.matmul(E, K[j], out=tmp)
         tmp *= h
         lamZ += tmp
-        act.scale_by_derivative(sa_j, lamZ, out=F)
+        act.scale_by_derivative(sa, lamZ, out=F)
         np.matmul(F, K[j].T, out=tmp)
         tmp *= h
         lamY -= tmp
-        np.matmul(E.T, Z_next, out=gK[j])
-        np.matmul(Y_j.T, F, out=gtmp)
+        np.matmul(E.T, Zn, out=gK[j])
+        np.matmul(Yj.T, F, out=gtmp)
         gK[j] -= gtmp
         gK[j] *= h
         np.subtract(E.sum(axis=0), F.sum(axis=0), out=gb[j])
         gb[j] *= h
-        if rebuild:
-            Yn, Yj = Yj, Yn
-            Zn, Zj = Zj, Zn
-    return np.hstack([lamY, lamZ])
+        Yn, Yj = Yj, Yn
+        Zn, Zj = Zj, Zn

@@ -9,7 +9,6 @@ import numpy as np
 
 from ..kernels import score_stats
 from ..model import join_blocks
-from ..optim import SGD
 from .comm import STATE_TAG
 from .partition import describe, layer_costs, partition
 from .trainer import Trainer
@@ -60,7 +59,7 @@ class BlockTrainer(Trainer):
     def use_local_params(self, params):
         """Start from this block's own parameters, with a fresh optimizer."""
         self.params = params
-        self.opt = SGD(self.params, self.cfg["train"]["momentum"])
+        self.opt = self.block.optimizer(self.params, self.cfg["train"]["momentum"])
 
     def resume(self, ckpt):
         self.log_partition()
@@ -81,10 +80,7 @@ class BlockTrainer(Trainer):
 
     def finish_step(self, grads, k, epoch, loss):
         """Add weight decay, update this block; return its loss part."""
-        loss += self.block.decay(self.params)
-        self.block.add_decay_grad(self.params, grads)
-        self.opt.step(self.params, grads, self.lr(k, epoch))
-        return loss
+        return loss + self.opt.step(self.params, grads, self.lr(k, epoch))
 
     def evaluate(self, X, y):
         """Pipe ``X`` through the blocks in chunks (:func:`eval_chunk`),

@@ -18,7 +18,6 @@ Either way this function receives the communicator of the ranks that train.
 import numpy as np
 
 from ..model import join_blocks
-from ..optim import SGD
 from .data_parallel import share
 from .flat import FlatSum
 from .regression import CostateRegression
@@ -99,7 +98,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     blocks = [cnet.block(a, b, reuse=True) for a, b in zip(cbounds[:-1], cbounds[1:])]
     full = cnet.init_params(tr["seed"])
     local = [blk.local_params(full) for blk in blocks]
-    opts = [SGD(p, tr["momentum"]) for p in local]
+    opts = [blk.optimizer(p, tr["momentum"]) for blk, p in zip(blocks, local)]
     regs = [CostateRegression(net.state_width, net.n_classes, rg["features"], rg["ridge"],
                               rg["forgetting"], rg["pairs_per_batch"]) for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch
@@ -126,8 +125,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
             if blocks[i].last:
                 data_loss = part
         (loss,) = gradient_sum.allreduce(comm, grads, [data_loss])
-        for blk, p, gr, opt in zip(blocks, local, grads, opts):
-            blk.add_decay_grad(p, gr)
+        for p, gr, opt in zip(local, grads, opts):
             opt.step(p, gr, lr)
         if log is not None and (g + 1) % max(iterations // 4, 1) == 0:
             log.info("  coarse iteration %d/%d: batch loss %.4f", g + 1, iterations, loss)

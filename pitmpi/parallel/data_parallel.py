@@ -8,7 +8,6 @@ equal ``serial``'s up to the rounding of the sum.
 import numpy as np
 
 from ..errors import ConfigError
-from .flat import FlatSum
 from .methods import register
 from .serial import evaluate_full, full_step
 from .trainer import Trainer
@@ -33,7 +32,6 @@ class DataParallelTrainer(Trainer):
         self.val_rows = share(len(self.y_val), comm.size, comm.rank)
         self.block = self.net.full(reuse=True)
         self.start(self.net.init_params(cfg["train"]["seed"]))
-        self.gradient_sum = FlatSum([self.params], self.net.dtype)
 
     def step(self, k, epoch):
         idx = self.batches.indices(k)
@@ -41,11 +39,12 @@ class DataParallelTrainer(Trainer):
         idx = idx[self.rows]
         grads, loss, correct = full_step(self.block, self.params, self.x_train[idx],
                                          self.y_train[idx], n_norm=n)
-        self.gradient_sum.allreduce(self.comm, [grads])
-        if self.comm.rank == 0:
-            loss += self.block.decay(self.params)
-        self.block.add_decay_grad(self.params, grads)
-        self.opt.step(self.params, grads, self.lr(k, epoch))
+        grads = self.opt.collect(grads)
+        if self.comm.size > 1:
+            self.comm.allreduce_sum(self.opt.grad_flat)
+        penalty = self.opt.step(self.params, grads, self.lr(k, epoch))
+        if self.comm.rank == 0:  # every rank holds the whole net: count its decay once
+            loss += penalty
         return loss, correct, len(idx)
 
     def evaluate(self, X, y):

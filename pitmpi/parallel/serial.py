@@ -51,9 +51,7 @@ class SerialTrainer(Trainer):
     def step(self, k, epoch):
         X, y = self.batch(k)
         grads, loss, correct = full_step(self.block, self.params, X, y)
-        loss += self.block.decay(self.params)
-        self.block.add_decay_grad(self.params, grads)
-        self.opt.step(self.params, grads, self.lr(k, epoch))
+        loss += self.opt.step(self.params, grads, self.lr(k, epoch))
         return loss, correct, len(y)
 
     def evaluate(self, X, y):

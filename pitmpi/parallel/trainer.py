@@ -7,6 +7,7 @@ is timed as training), ``step(k, epoch)`` for global iteration ``k``,
 every rank calls ``run`` and the result lands on rank 0.
 """
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, Diverged
 from ..model import ResNet
-from ..optim import SGD, BatchSchedule, Schedule
+from ..optim import BatchSchedule, Schedule
 
 EPOCH_HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_wall")
 RANK_TIMES = ("compute", "comm_wait", "regression", "coarse")
@@ -131,9 +132,9 @@ class Trainer:
     def start(self, params, velocity=None):
         """Take this rank's share of full ``params`` (and optimizer ``velocity``)."""
         self.params = self.local_copy(params)
-        self.opt = SGD(self.params, self.cfg["train"]["momentum"])
+        self.opt = self.block.optimizer(self.params, self.cfg["train"]["momentum"])
         if velocity is not None:
-            self.opt.velocity = self.local_copy(velocity)
+            self.opt.load_velocity(self.local_copy(velocity))
 
     def gather_params(self):
         """Full parameter dict on rank 0 (None elsewhere)."""
@@ -251,7 +252,7 @@ class Trainer:
 
     def check_finite(self, what, array, k, epoch):
         """Stop if ``array`` (a state or co-state) holds NaN or Inf."""
-        if not np.isfinite(np.sum(array)):
+        if not math.isfinite(array.sum()):  # NaN and Inf propagate into the sum
             self.diverged(f"the {what} holds NaN or Inf", k, epoch)
 
     def injected_failure(self, default):

@@ -1,0 +1,85 @@
+"""The optimizer: SGD with momentum and weight decay on one flat buffer."""
+import numpy as np
+import pytest
+
+from pitmpi import ResNet
+from pitmpi.optim import SGD
+
+
+def reference_steps(params, grads_seq, lrs, momentum, decay):
+    """SGD with momentum and weight decay, parameter by parameter."""
+    p = {k: v.copy() for k, v in params.items()}
+    v = {k: np.zeros_like(a) for k, a in params.items()}
+    penalties = []
+    for grads, lr in zip(grads_seq, lrs):
+        penalties.append(0.5 * sum(decay[k] * float(np.vdot(p[k], p[k])) for k in p))
+        for k in p:
+            v[k] = momentum * v[k] + (grads[k] + decay[k] * p[k])
+            p[k] = p[k] - lr * v[k]
+    return p, v, penalties
+
+
+def test_sgd_matches_the_update_parameter_by_parameter():
+    rng = np.random.default_rng(0)
+    shapes = {"K": (3, 4, 4), "b": (3, 4), "cls.W": (2, 4)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    decay = {"K": 0.01, "b": 0.01, "cls.W": 0.1}
+    grads_seq = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(3)]
+    lrs = [0.1, 0.1, 0.05]
+    ref_p, ref_v, ref_pen = reference_steps(params, grads_seq, lrs, 0.9, decay)
+    mine = {k: v.copy() for k, v in params.items()}
+    opt = SGD(mine, 0.9, decay)
+    penalties = [opt.step(mine, {k: g.copy() for k, g in grads.items()}, lr)
+                 for grads, lr in zip(grads_seq, lrs)]
+    for k in shapes:
+        np.testing.assert_allclose(mine[k], ref_p[k], rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(opt.velocity[k], ref_v[k], rtol=1e-14, atol=1e-15)
+        assert np.shares_memory(mine[k], opt.flat)  # the dict's entries are views now
+    np.testing.assert_allclose(penalties, ref_pen, rtol=1e-13)
+    # without weight decay: no penalty, plain momentum
+    plain = {k: v.copy() for k, v in params.items()}
+    opt = SGD(plain, 0.5)
+    assert opt.step(plain, grads_seq[0], 1.0) == 0.0
+    np.testing.assert_allclose(plain["b"], params["b"] - grads_seq[0]["b"], rtol=1e-15)
+
+
+def test_sgd_refuses_replaced_parameters_and_mixed_dtypes():
+    params = {"K": np.ones((2, 2)), "b": np.ones(2)}
+    opt = SGD(params, 0.9)
+    params["b"] = np.zeros(2)
+    with pytest.raises(ValueError, match="'b' was replaced"):
+        opt.step(params, {"K": np.ones((2, 2)), "b": np.ones(2)}, 0.1)
+    with pytest.raises(ValueError, match="one dtype"):
+        SGD({"K": np.ones(2), "b": np.ones(2, dtype=np.float32)}, 0.9)
+
+
+def test_sgd_velocity_round_trip():
+    params = {"K": np.ones((2, 2)), "b": np.ones(2)}
+    opt = SGD(params, 0.9)
+    opt.step(params, {"K": np.full((2, 2), 2.0), "b": np.full(2, 3.0)}, 0.1)
+    saved = {k: v.copy() for k, v in opt.velocity.items()}
+    other = SGD({k: v.copy() for k, v in params.items()}, 0.9)
+    other.load_velocity(saved)
+    for k in saved:
+        np.testing.assert_array_equal(other.velocity[k], saved[k])
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+def test_block_optimizer_takes_the_adjoint_gradients_in_place(scheme):
+    """With a reused workspace the adjoint writes K, b and the opening layer's
+    gradients into the optimizer's buffer, and a step equals the reference."""
+    net = ResNet(scheme, 3, 4, 6, 3, T=2.0, weight_decay=0.01)
+    blk = net.full(reuse=True)
+    params = blk.local_params(net.init_params(1))
+    start = {k: v.copy() for k, v in params.items()}
+    opt = blk.optimizer(params, 0.9)
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((5, 3)), rng.integers(0, 3, 5)
+    _, grads, (loss, _) = blk.backward(params, blk.forward(params, X), y=y)
+    for name in ("K", "b", "open.K"):
+        assert grads[name] is opt.grads[name]
+    expected_loss, g = net.loss_and_grad(start, X, y)  # includes the decay gradient
+    penalty = opt.step(params, grads, 0.1)
+    assert loss + penalty == pytest.approx(expected_loss, rel=1e-13)
+    for k in params:
+        np.testing.assert_allclose(params[k], start[k] - 0.1 * g[k], rtol=1e-13, atol=1e-15)
