@@ -43,12 +43,16 @@ def test_sgd_matches_the_update_parameter_by_parameter():
     np.testing.assert_allclose(plain["b"], params["b"] - grads_seq[0]["b"], rtol=1e-15)
 
 
-def test_sgd_refuses_replaced_parameters_and_mixed_dtypes():
+def test_sgd_refuses_replaced_parameters_missing_gradients_and_mixed_dtypes():
     params = {"K": np.ones((2, 2)), "b": np.ones(2)}
     opt = SGD(params, 0.9)
     params["b"] = np.zeros(2)
     with pytest.raises(ValueError, match="'b' was replaced"):
         opt.step(params, {"K": np.ones((2, 2)), "b": np.ones(2)}, 0.1)
+    params = {"K": np.ones((2, 2)), "b": np.ones(2)}
+    opt = SGD(params, 0.9)
+    with pytest.raises(ValueError, match="every parameter needs one"):
+        opt.step(params, {"K": np.ones((2, 2))}, 0.1)
     with pytest.raises(ValueError, match="one dtype"):
         SGD({"K": np.ones(2), "b": np.ones(2, dtype=np.float32)}, 0.9)
 
