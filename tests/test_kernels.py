@@ -172,21 +172,25 @@ def test_tanh_matches_numpy_to_rounding():
 
 
 
-@pytest.mark.parametrize("scheme", ["euler", "verlet"])
-def test_adjoint_in_chunks_of_layers_equals_one_chunk(scheme, monkeypatch):
-    """The adjoint's batched parts (σ', weight gradients) taken a few layers at
-    a time give what they give over all layers at once."""
+@pytest.mark.parametrize("scheme, store", [("euler", True), ("verlet", True), ("verlet", False)])
+def test_adjoint_in_chunks_of_layers_equals_one_chunk(scheme, store, monkeypatch):
+    """The adjoint's batched parts (σ', weight gradients; with ``store=False``
+    also the rebuilt states) taken a few layers at a time give what they
+    give over all layers at once."""
     from pitmpi.kernels import workspace
     n, w, L = 6, 5, 8
-    net = ResNet(scheme, 3, w, L, 3, T=2.0, weight_decay=0.01)
-    params = perturbed_params(net, 8)
+
+    def build():
+        return ResNet(scheme, 3, w, L, 3, T=2.0, weight_decay=0.01, store_trajectory=store)
+
+    params = perturbed_params(build(), 8)
     rng = np.random.default_rng(9)
     X, y = rng.standard_normal((n, 3)), rng.integers(0, 3, n)
-    _, whole = net.loss_and_grad(params, X, y)
+    _, whole = build().loss_and_grad(params, X, y)
     layer_bytes = n * w * 8
     monkeypatch.setattr(workspace, "CHUNK_BYTES", 3 * layer_bytes)
     assert workspace.layers_per_chunk(L, layer_bytes) == 3  # chunks of 3, 3 and 2 layers
-    _, chunked = ResNet(scheme, 3, w, L, 3, T=2.0, weight_decay=0.01).loss_and_grad(params, X, y)
+    _, chunked = build().loss_and_grad(params, X, y)
     for k in whole:
         np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)
     assert workspace.layers_per_chunk(L, 10 * workspace.CHUNK_BYTES) == 1

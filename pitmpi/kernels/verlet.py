@@ -144,28 +144,85 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None):
 
 
 def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
-    """The adjoint sweep over a stored trajectory, in place on ``lamY, lamZ``.
+    """The adjoint sweep over a stored trajectory, in place on ``lamY, lamZ``,
+    a chunk of layers (:func:`~pitmpi.kernels.workspace.layers_per_chunk`)
+    at a time."""
+    m = K.shape[0]
+    bufs = _ChunkBuffers(K, h, lamY, ws)
+    for hi in range(m, 0, -bufs.c):
+        lo = max(hi - bufs.c, 0)
+        bufs.adjoint(lo, hi, traj.Y[lo:hi + 1], traj.Z[lo:hi + 1], traj.SA[lo:hi],
+                     traj.SB[lo:hi], act, lamY, lamZ, tmp, gK, gb)
+    gK *= h
+    gb *= h
 
-    Only the co-state recursion is sequential.  Layers are taken in chunks
-    of about ``CHUNK_BYTES`` per array (so what a chunk touches stays in
-    cache): ``σ'`` of the whole chunk first, then the recursion keeping each
-    layer's ``E, F``, then the chunk's weight gradients in batched products.
-    With small layers a layer costs six NumPy calls instead of twenty.
-    """
+
+def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
+    """The adjoint sweep rebuilding the states backwards (``store=False``), in
+    place on ``lamY, lamZ``: each chunk of layers is rebuilt from its right
+    end into chunk-sized buffers, then swept as a stored one, so memory stays
+    independent of depth."""
     m, w = K.shape[0], K.shape[1]
     n, dt = lamY.shape[0], lamY.dtype
-    c = layers_per_chunk(m, n * w * dt.itemsize)
-    E = scratch(ws, "E", (c, n, w), dt)  # σ'(B_j), then ⊙ Λ^Y_{j+1}
-    F = scratch(ws, "F", (c, n, w), dt)  # σ'(A_j), then ⊙ Λ^Z_j
-    G = scratch(ws, "gtmp", (c, w, w), dt)
-    hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
-    hKT = hK.transpose(0, 2, 1)
+    bufs = _ChunkBuffers(K, h, lamY, ws)
+    c = bufs.c
+    Y, Z = (scratch(ws, name, (c + 1, n, w), dt) for name in ("rY", "rZ"))
+    SA, SB = (scratch(ws, name, (c, n, w), dt) for name in ("rSA", "rSB"))
+    Y[c] = traj.end[:, :w]
+    Z[c] = traj.end[:, w:]
     for hi in range(m, 0, -c):
         lo = max(hi - c, 0)
-        e, f, g = E[:hi - lo], F[:hi - lo], G[:hi - lo]
-        act.derivative(traj.SB[lo:hi], e)
-        act.derivative(traj.SA[lo:hi], f)
-        for i in range(hi - lo - 1, -1, -1):
+        k = hi - lo
+        if hi < m:  # its right end is the left end of the chunk just swept
+            Y[k] = Y[0]
+            Z[k] = Z[0]
+        for i in range(k - 1, -1, -1):
+            # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
+            j = lo + i
+            np.matmul(Z[i + 1], K[j].T, out=SB[i])
+            SB[i] += b[j]
+            act.apply(SB[i])
+            np.multiply(SB[i], -h, out=Y[i])
+            Y[i] += Y[i + 1]
+            np.matmul(Y[i], K[j], out=SA[i])
+            SA[i] += b[j]
+            act.apply(SA[i])
+            np.multiply(SA[i], h, out=Z[i])
+            Z[i] += Z[i + 1]
+        bufs.adjoint(lo, hi, Y[:k + 1], Z[:k + 1], SA[:k], SB[:k], act, lamY, lamZ, tmp, gK, gb)
+    gK *= h
+    gb *= h
+
+
+class _ChunkBuffers:
+    """What the adjoint of a chunk of layers needs besides the trajectory:
+    ``hK`` for all layers, and chunk-sized ``E, F`` (c, n, w) and ``G`` (c, w, w)."""
+
+    def __init__(self, K, h, lam, ws):
+        m, w = K.shape[0], K.shape[1]
+        n, dt = lam.shape[0], lam.dtype
+        self.c = layers_per_chunk(m, n * w * dt.itemsize)
+        self.E = scratch(ws, "E", (self.c, n, w), dt)  # σ'(B_j), then ⊙ Λ^Y_{j+1}
+        self.F = scratch(ws, "F", (self.c, n, w), dt)  # σ'(A_j), then ⊙ Λ^Z_j
+        self.G = scratch(ws, "gtmp", (self.c, w, w), dt)
+        self.hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
+        self.hKT = self.hK.transpose(0, 2, 1)
+
+    def adjoint(self, lo, hi, Y, Z, SA, SB, act, lamY, lamZ, tmp, gK, gb):
+        """Sweep layers ``[lo, hi)`` back, given their states ``Y, Z``
+        (hi − lo + 1, n, w) and activations ``SA, SB`` (hi − lo, n, w).
+
+        Only the co-state recursion is sequential: ``σ'`` of the whole chunk
+        first, then the recursion keeping each layer's ``E, F`` (six NumPy
+        calls a layer), then the chunk's weight gradients in batched
+        products; ``gK, gb`` get them without the factor ``h``.
+        """
+        k = hi - lo
+        e, f, g = self.E[:k], self.F[:k], self.G[:k]
+        act.derivative(SB, e)
+        act.derivative(SA, f)
+        hK, hKT = self.hK, self.hKT
+        for i in range(k - 1, -1, -1):
             e[i] *= lamY
             np.matmul(e[i], hK[lo + i], out=tmp)
             lamZ += tmp
@@ -173,51 +230,8 @@ def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
             np.matmul(f[i], hKT[lo + i], out=tmp)
             lamY -= tmp
         # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j)
-        np.matmul(e.transpose(0, 2, 1), traj.Z[lo + 1:hi + 1], out=gK[lo:hi])
-        np.matmul(traj.Y[lo:hi].transpose(0, 2, 1), f, out=g)
+        np.matmul(e.transpose(0, 2, 1), Z[1:], out=gK[lo:hi])
+        np.matmul(Y[:-1].transpose(0, 2, 1), f, out=g)
         gK[lo:hi] -= g
         np.sum(e, axis=1, out=gb[lo:hi])
         gb[lo:hi] -= f.sum(axis=1)
-    gK *= h
-    gb *= h
-
-
-def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
-    """The adjoint sweep rebuilding each state from the next (``store=False``):
-    memory independent of depth, one layer at a time."""
-    m, w = K.shape[0], K.shape[1]
-    n, dt = lamY.shape[0], lamY.dtype
-    E, F = (scratch(ws, name, (n, w), dt) for name in ("E1", "F1"))
-    gtmp = scratch(ws, "gtmp1", (w, w), dt)
-    Yn, Zn, Yj, Zj, sa, sb = (scratch(ws, name, (n, w), dt)
-                              for name in ("Yn", "Zn", "Yj", "Zj", "sa", "sb"))
-    Yn[...] = traj.end[:, :w]
-    Zn[...] = traj.end[:, w:]
-    for j in range(m - 1, -1, -1):
-        # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
-        np.matmul(Zn, K[j].T, out=sb)
-        sb += b[j]
-        act.apply(sb)
-        np.multiply(sb, -h, out=Yj)
-        Yj += Yn
-        np.matmul(Yj, K[j], out=sa)
-        sa += b[j]
-        act.apply(sa)
-        np.multiply(sa, h, out=Zj)
-        Zj += Zn
-        act.scale_by_derivative(sb, lamY, out=E)
-        np.matmul(E, K[j], out=tmp)
-        tmp *= h
-        lamZ += tmp
-        act.scale_by_derivative(sa, lamZ, out=F)
-        np.matmul(F, K[j].T, out=tmp)
-        tmp *= h
-        lamY -= tmp
-        np.matmul(E.T, Zn, out=gK[j])
-        np.matmul(Yj.T, F, out=gtmp)
-        gK[j] -= gtmp
-        gK[j] *= h
-        np.subtract(E.sum(axis=0), F.sum(axis=0), out=gb[j])
-        gb[j] *= h
-        Yn, Yj = Yj, Yn
-        Zn, Zj = Zj, Zn
