@@ -53,12 +53,8 @@ class Activation:
         ----------
         s, lam, out : ndarray, shape (n, w)
         """
-        if self.name == "tanh":
-            np.multiply(s, s, out=out)
-            np.subtract(1.0, out, out=out)
-            out *= lam
-        else:
-            np.multiply(lam, s > 0, out=out)
+        self.derivative(s, out)
+        out *= lam
         return out
 
     def derivative(self, s, out):

@@ -27,11 +27,12 @@ class FlatSum:
     def allreduce(self, comm, dicts, scalars=()):
         """Sum ``dicts`` (same structure as the templates) over ranks, in place;
         returns the summed ``scalars``."""
+        if comm.size == 1:  # nothing to sum: skip the copies in and out
+            return np.array(scalars, dtype=self.flat.dtype)
         for i, name, slot in self.slots:
             self.flat[slot] = dicts[i][name].ravel()
         self.flat[self.n_arrays:] = scalars
-        if comm.size > 1:
-            comm.allreduce_sum(self.flat)
+        comm.allreduce_sum(self.flat)
         for i, name, slot in self.slots:
             dicts[i][name].ravel()[:] = self.flat[slot]
         return self.flat[self.n_arrays:].copy()

@@ -25,13 +25,13 @@ small problems (the Swiss roll: n = 32, w = 16) that is 40 % of its time.
 An Euler layer makes 8–9 calls but is counted as 12, what its time in a run
 shows (the ellipses, w = 8: ~18 µs a layer, against a regression of ~6.3
 layers; with 9 the partition put 2 layers too few on rank 0, measured 4 %
-slower).  ``pit``'s regression is costed the same way (its own
-arithmetic, in float64, plus its calls), which is what puts it at about four
-layers there (measured in a run: 0.2–0.25 ms against ~44 µs a layer) but
-about 1.5 on MNIST.  The partition depends on the config only, never on timings, so runs
-stay reproducible.  Block boundaries lie on the
-coarse grid (multiples of the coarsening factor) so that the coarse model has
-a state and co-state at every boundary.
+slower).  ``pit``'s regression is costed the same way (its own arithmetic,
+in float64, plus its calls), which is what puts it at about four layers
+there (measured in a run: ~0.19 ms against ~46 µs a layer) but about 1.5 on
+MNIST.  The partition depends on the config only, never on timings, so runs
+stay reproducible.  Block boundaries lie on the coarse grid (multiples of
+the coarsening factor) so that the coarse model has a state and co-state at
+every boundary.
 """
 import numpy as np
 
