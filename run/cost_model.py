@@ -18,8 +18,11 @@ from their bytes at 5 GB/s (not measured).
 Model, per iteration, with ``L`` layers balanced over ``N`` blocks:
 
     serial        T1 = L (a + b n) + open + cls
-    pit           TN = max_r block_r + 2 t_msg + t_reg          (block_r ≈ T1 / N)
+    pit           TN = max_r block_r + x t_msg + t_reg          (block_r ≈ T1 / N)
     data-parallel TD = L (a + b n / N) + open/N + cls/N + t_red
+
+(``x`` = 1 on two ranks, whose two messages travel in one ``Sendrecv``, else
+2: one ``Sendrecv`` with each neighbour, see ``PitTrainer.exchange``)
 
 and with the coarse phase (``m`` iterations of the ``L/c``-layer model,
 data-parallel over the ranks) ``C = m · [(L/c)(a + b n / N) + t_red]``, a
@@ -144,7 +147,8 @@ def predict(k, L, n, N, iterations, coarse_iters, factor, slowdown=1.0):
     layer = k["a"] + k["b"] * n
     T1 = L * layer + k["open"] + k["cls"]
     s = slowdown if N > 1 else 1.0
-    TN = s * T1 / N + (2 * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
+    rounds = 1 if N == 2 else 2  # Sendrecv rounds per iteration (PitTrainer.exchange)
+    TN = s * T1 / N + (rounds * k["t_msg"] + k["t_reg"] if N > 1 else 0.0)
     TD = s * (L * (k["a"] + k["b"] * n / N) + (k["open"] + k["cls"]) / N) + (k["t_red"] if N > 1 else 0)
     # with one rank pit is serial: no coarse phase
     C = coarse_iters * ((L // factor) * (k["a"] + k["b"] * n / N) + k["t_red"]) if N > 1 else 0.0

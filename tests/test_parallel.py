@@ -158,6 +158,9 @@ def test_per_class_regression_recovers_one_map_per_class():
     xt, yt = rng.standard_normal((9, 3)), rng.integers(0, 3, 9)
     want = np.stack([xt[i] @ maps[yt[i]][0] + maps[yt[i]][1] for i in range(9)]) / 9
     np.testing.assert_allclose(reg.predict(xt, yt), want, atol=1e-10)
+    # the prediction divides by the rows it is given, whatever came before
+    np.testing.assert_allclose(reg.predict(xt[:4], yt[:4]), want[:4] * 9 / 4, atol=1e-10)
+    np.testing.assert_allclose(reg.predict(xt, yt), want, atol=1e-10)
     again = CostateRegression(3, 3, features="per-class")
     again.load_state(reg.state())
     np.testing.assert_array_equal(again.predict(xt, yt), reg.predict(xt, yt))

@@ -26,9 +26,9 @@ An Euler layer makes 8–9 calls but is counted as 12, what its time in a run
 shows (the ellipses, w = 8: ~18 µs a layer, against a regression of ~6.3
 layers; with 9 the partition put 2 layers too few on rank 0, measured 4 %
 slower).  ``pit``'s regression is costed the same way (its own arithmetic,
-in float64, plus its calls), which is what puts it at about four layers
-there (measured in a run: ~0.19 ms against ~46 µs a layer) but about 1.5 on
-MNIST.  The partition depends on the config only, never on timings, so runs
+in float64, plus its calls), which is what puts it at about 3.3 layers
+there (measured in a run: ~0.17 ms against ~46 µs a layer, 3.6) but about
+1.5 on MNIST.  The partition depends on the config only, never on timings, so runs
 stay reproducible.  Block boundaries lie on the coarse grid (multiples of
 the coarsening factor) so that the coarse model has a state and co-state at
 every boundary.
@@ -82,8 +82,8 @@ def regression_cost(net, cfg, batch_size):
     3g`` for the prediction and the pair update with ``g`` groups, 12 per
     group refit and 6 for the error history; with the one-hot products
     (:func:`~pitmpi.parallel.regression.one_hot_cheaper`: ``g`` times the
-    arithmetic of prediction and update) 18, then 8 per refit plus 3 per
-    group refitted, and 6."""
+    arithmetic of prediction and update) 14, then 5 per refit plus 3 per
+    group refitted, and 4."""
     rg = cfg["regression"]
     sw, c = net.state_width, net.n_classes
     f = sw + 1 + (c if rg["features"] == "state+label" else 0)
@@ -98,7 +98,7 @@ def regression_cost(net, cfg, batch_size):
                   + refits * (f ** 3 / 3 + f * f * sw)) / MATMUL_RATE["float64"]
     predict_us = copies * n * f * sw / rate
     if one_hot:
-        calls = 18 + 8 * min(refits, 1) + 3 * refits + 6
+        calls = 14 + 5 * min(refits, 1) + 3 * refits + 4
     else:
         touched = min(groups, m) if groups > 1 else 0
         calls = (5 + 3 * (groups if groups > 1 else 0)) + (10 + 3 * touched) + 12 * refits + 6

@@ -7,8 +7,9 @@ At iteration ``k`` rank ``r`` works on batch ``g = k − r``:
 2. the co-state at its right end is the loss gradient on the last rank and
    the regression's prediction ``Λ̂ = φ(x) Θ / n`` elsewhere;
 3. backward, weight decay, update of its own controls;
-4. two ``Sendrecv``: states forward (``x_out → r+1``), co-states backward
-   (``λ_in → r−1``), tagged with the batch id;
+4. one ``Sendrecv`` with each neighbour: the state forward and the co-state
+   back (``x_out → r+1``, ``λ_out ← r+1``; ``λ_in → r−1``, ``x_in ← r−1``),
+   tagged with the batch id (:meth:`PitTrainer.exchange`);
 5. the co-state that arrived from ``r+1`` belongs to the state sent one
    iteration earlier: that pair joins the information set, and the
    regression is refitted (``regression.refit_every``).
@@ -156,15 +157,26 @@ class PitTrainer(BlockTrainer):
         if self.delay:
             self.exchange_async(k, g, x_send, lam_send)
         else:
-            comm.sendrecv(x_send, self.next, self.x_in, self.prev,
-                          batch_tag(STATE_TAG, g), batch_tag(STATE_TAG, g + 1))
-            comm.sendrecv(lam_send, self.prev, self.lam_right, self.next,
-                          batch_tag(COSTATE_TAG, g), batch_tag(COSTATE_TAG, g - 1))
+            self.exchange(g, x_send, lam_send)
             if self.next is not None and self.sent is not None and self.active(r + 1, k):
                 self.learn(k, *self.sent, self.lam_right)
         if self.next is not None:
             self.sent = (x_out, y, lam_hat) if x_out is not None else None
         return loss, correct, count
+
+    def exchange(self, g, x_send, lam_send):
+        """The iteration's messages, one ``Sendrecv`` per neighbour: ``x_out``
+        to r+1 for the co-state from r+1, ``λ_in`` to r−1 for the state
+        from r−1.  Even ranks pair with r+1 first, odd ranks with r−1, so
+        every pair of neighbours exchanges at once: one round on two ranks,
+        two on more."""
+        right = (x_send, self.next, self.lam_right, self.next,
+                 batch_tag(STATE_TAG, g), batch_tag(COSTATE_TAG, g - 1))
+        left = (lam_send, self.prev, self.x_in, self.prev,
+                batch_tag(COSTATE_TAG, g), batch_tag(STATE_TAG, g + 1))
+        for call in ((right, left) if self.comm.rank % 2 == 0 else (left, right)):
+            if call[1] is not None:
+                self.comm.sendrecv(*call)
 
     def learn(self, k, x, y, lam_hat, lam):
         """The co-state ``lam`` computed at iteration ``k`` for the state ``x``

@@ -66,8 +66,10 @@ class CostateRegression:
 
     Attributes
     ----------
-    G : ndarray, shape (groups, f, f)
-    H, theta : ndarray, shape (groups, f, sw)
+    GH : ndarray, shape (groups, f, f + sw)
+        ``[G | H]``, the normal equations side by side (:attr:`G` and
+        :attr:`H` are views of it).
+    theta : ndarray, shape (groups, f, sw)
         ``groups`` is ``n_classes`` for ``per-class`` and 1 otherwise.
     """
 
@@ -82,14 +84,15 @@ class CostateRegression:
         self.pairs_per_batch = int(pairs_per_batch)
         self.groups = self.n_classes if features == "per-class" else 1
         f, sw = self.n_features, self.state_width
-        self.G = np.zeros((self.groups, f, f))
-        self.H = np.zeros((self.groups, f, sw))
+        self.GH = np.zeros((self.groups, f, f + sw))  # [G | H] side by side: one product updates both
         self.theta = np.zeros((self.groups, f, sw))
+        self._A = np.zeros((self.groups, f, f))  # refit workspace
+        self._A_diagonal = self._A.reshape(self.groups, -1)[:, ::f + 1]
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
         self._held = [_Held(f, sw) for _ in range(self.groups)]
-        self._predictor = {}  # dtype -> (weights, biases) cut from theta
+        self._predictor = {}  # (dtype, n) -> (weights, offsets, rows) cut from theta / n
         self.one_hot = one_hot
         self._class_ids = np.arange(self.groups)[:, None]
 
@@ -106,16 +109,33 @@ class CostateRegression:
         """Features per group: ``sw + 1`` (``+ c`` with ``state+label``)."""
         return self.state_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
 
+    @property
+    def G(self):
+        """``G = Σ φφᵀ`` (times ``scale``), shape (groups, f, f): a view of :attr:`GH`."""
+        return self.GH[:, :, :self.n_features]
+
+    @property
+    def H(self):
+        """``H = Σ φ pᵀ`` (times ``scale``), shape (groups, f, sw): a view of :attr:`GH`."""
+        return self.GH[:, :, self.n_features:]
+
     def features(self, x, y=None):
         """``φ(x)`` of each sample within its group, shape (n, f)."""
-        n = x.shape[0]
-        phi = np.empty((n, self.n_features))
-        phi[:, :self.state_width] = x
-        phi[:, -1] = 1.0
+        return self._rows(x, y)
+
+    def _rows(self, x, y=None, lam=None, n=1.0):
+        """``[φ(x), n Λ]`` side by side, shape (m, f + sw); ``φ(x)`` alone,
+        shape (m, f), without ``lam``."""
+        m, sw, f = x.shape[0], self.state_width, self.n_features
+        rows = np.empty((m, f + (sw if lam is not None else 0)))
+        rows[:, :sw] = x
+        rows[:, f - 1] = 1.0
         if self.kind == "state+label":
-            phi[:, self.state_width:-1] = 0.0
-            phi[np.arange(n), self.state_width + np.asarray(y)] = 1.0
-        return phi
+            rows[:, sw:f - 1] = 0.0
+            rows[np.arange(m), sw + np.asarray(y)] = 1.0
+        if lam is not None:
+            np.multiply(lam, n, out=rows[:, f:], dtype=np.float64)
+        return rows
 
     def _segments(self, y, n):
         """``(order, [(group, slice)])``: rows sorted by group, one slice each."""
@@ -152,54 +172,46 @@ class CostateRegression:
         self.scale *= self.forgetting
         if self.scale < 1e-100:
             self.flush()
-            self.G *= self.scale
-            self.H *= self.scale
+            self.GH *= self.scale
             self.scale = 1.0
-        root = (1.0 / self.scale) ** 0.5
-        phi = self.features(x, y)
-        phi *= root
-        p = np.multiply(lam, n * root, dtype=np.float64)
+        rows = self._rows(x, y, lam, n)  # [φ, p]
+        rows *= (1.0 / self.scale) ** 0.5
         self.pairs += m
         if self._use_one_hot(m):
-            # row i of class g: masked[g] keeps it, the other classes see zeros
-            masked = phi * (np.asarray(y) == self._class_ids)[:, :, None]
-            masked_t = masked.transpose(0, 2, 1)
-            self.G += masked_t @ masked
-            self.H += masked_t @ p
+            # column i of class g: masked[g] keeps it, the other classes see zeros
+            masked = (np.asarray(y) == self._class_ids)[:, None, :] * rows[:, :self.n_features].T
+            self.GH += masked @ rows
         else:
-            self._hold(phi, p, y, m)
+            self._hold(rows, y, m)
         if refit:
             self.refit(None if refit is True else refit)
 
-    def _hold(self, phi, p, y, m):
-        """Keep weighted pairs in their groups' buffers until those are refitted."""
+    def _hold(self, rows, y, m):
+        """Keep weighted pairs ``[φ, p]`` in their groups' buffers until those are refitted."""
         order, segments = self._segments(y, m)
         if order is not None:
-            phi, p = phi[order], p[order]
-        for g, rows in segments:
+            rows = rows[order]
+        for g, part in segments:
             held = self._held[g]
-            if held.count + (rows.stop - rows.start) > self.buffer_rows:
+            if held.count + (part.stop - part.start) > self.buffer_rows:
                 self.flush([g])
-            held.append(phi[rows], p[rows])
+            held.append(rows[part])
 
     def flush(self, groups=None):
         """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
+        f = self.n_features
         for g in (range(self.groups) if groups is None else groups):
             if not self._held[g].count:
                 continue
-            phi, p = self._held[g].take()
-            self.G[g] += phi.T @ phi
-            self.H[g] += phi.T @ p
+            rows = self._held[g].take()
+            self.GH[g] += rows[:, :f].T @ rows
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
         rank has added the same number of batches, so the same ``scale``), then refit."""
         self.flush()
         if comm.size > 1:
-            self.G = np.ascontiguousarray(self.G)
-            self.H = np.ascontiguousarray(self.H)
-            comm.allreduce_sum(self.G)
-            comm.allreduce_sum(self.H)
+            comm.allreduce_sum(self.GH)
             self.pairs = int(sum(comm.allgather(self.pairs)))
         self.refit()
 
@@ -207,62 +219,70 @@ class CostateRegression:
         """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK
         ``posv``), ``ρ_g = ridge · mean(diag G_g)``, for ``groups`` (default:
         all); a group without pairs gets ``Θ_g = 0``."""
-        groups = list(range(self.groups)) if groups is None else list(groups)
-        if not groups:
+        groups = range(self.groups) if groups is None else groups
+        if not len(groups):
             return self.theta
         self.flush(groups)
-        f = self.n_features
-        A, H = self.G[groups], self.H[groups]  # copies
-        scale = np.einsum("gii->g", A) / f
-        A.reshape(len(groups), -1)[:, ::f + 1] += self.ridge * scale[:, None]
-        for i, g in enumerate(groups):
-            if scale[i] <= 0:
+        A = self._A
+        if len(groups) == self.groups:
+            np.copyto(A, self.G)
+        else:
+            for g in groups:
+                A[g] = self.G[g]
+        scale = self._A_diagonal.sum(axis=1) / self.n_features
+        self._A_diagonal += self.ridge * scale[:, None]  # (the other groups' are not used)
+        H = self.H
+        for g in groups:
+            if scale[g] <= 0:
                 self.theta[g] = 0.0
                 continue
             # A[i] is symmetric, so its transpose is the same matrix in
             # Fortran order: LAPACK works on it in place
-            _, theta, info = scipy.linalg.lapack.dposv(A[i].T, H[i], overwrite_a=True)
+            _, theta, info = scipy.linalg.lapack.dposv(A[g].T, H[g], overwrite_a=True)
             if info != 0:  # not positive definite (no ridge): least-squares solution
-                theta = np.linalg.lstsq(self.G[g], self.H[g], rcond=None)[0]
+                theta = np.linalg.lstsq(self.G[g], H[g], rcond=None)[0]
             self.theta[g] = theta
         self._predictor = {}
         return self.theta
 
-    def _predictor_for(self, dtype):
-        """``Θ`` cut into state weights (groups, sw, sw) and per-group offsets
-        (groups, sw) — per class with ``state+label`` — in ``dtype``."""
-        if dtype not in self._predictor:
+    def _predictor_for(self, dtype, n):
+        """``Θ / n`` cut into state weights, side by side, shape (sw, groups
+        · sw), and per-group offsets (groups, sw) — per class with
+        ``state+label`` — in ``dtype``, and the row numbers ``0..n-1``."""
+        key = (dtype, n)
+        if key not in self._predictor:
             sw = self.state_width
-            W = np.ascontiguousarray(self.theta[:, :sw], dtype=dtype)
-            offsets = self.theta[:, -1]
+            theta = self.theta / n
+            offsets = theta[:, -1]
             if self.kind == "state+label":
-                offsets = self.theta[0, sw:-1] + self.theta[0, -1]
-            self._predictor[dtype] = (W, np.ascontiguousarray(offsets, dtype=dtype))
-        return self._predictor[dtype]
+                offsets = theta[0, sw:-1] + theta[0, -1]
+            W = theta[:, :sw].transpose(1, 0, 2).reshape(sw, self.groups * sw)
+            self._predictor[key] = (np.ascontiguousarray(W, dtype=dtype),
+                                    np.ascontiguousarray(offsets, dtype=dtype), np.arange(n))
+        return self._predictor[key]
 
     def predict(self, x, y=None):
         """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw), in
         ``x``'s dtype (computed in it)."""
-        n = x.shape[0]
-        W, offsets = self._predictor_for(x.dtype)
+        n, sw = x.shape[0], self.state_width
+        W, offsets, rows = self._predictor_for(x.dtype, n)
         if self.groups == 1:
-            lam = x @ W[0]
+            lam = x @ W
             lam += offsets[np.asarray(y)] if self.kind == "state+label" else offsets[0]
         elif self._use_one_hot(n):
             y = np.asarray(y)
-            lam = np.matmul(x, W)[y, np.arange(n)]  # every class's map, each row's own
+            lam = (x @ W).reshape(n, self.groups, sw)[rows, y]  # every class's map, each row's own
             lam += offsets[y]
         else:
             order, segments = self._segments(y, n)
             xs = x[order]
-            sorted_lam = np.empty((n, self.state_width), dtype=x.dtype)
-            for g, rows in segments:
-                out = sorted_lam[rows]
-                np.matmul(xs[rows], W[g], out=out)
+            sorted_lam = np.empty((n, sw), dtype=x.dtype)
+            for g, part in segments:
+                out = sorted_lam[part]
+                np.matmul(xs[part], W[:, g * sw:(g + 1) * sw], out=out)
                 out += offsets[g]
             lam = np.empty_like(sorted_lam)
             lam[order] = sorted_lam
-        lam *= x.dtype.type(1.0 / n)
         return lam
 
     def state(self):
@@ -271,19 +291,20 @@ class CostateRegression:
         the fine run, checkpoints); the normal equations are ``scale · G``
         and ``scale · H`` plus the pairs still held (features ``held_phi``,
         co-states ``held_p``, already weighted, and their group)."""
-        held = [h.take(keep=True) for h in self._held]
+        f = self.n_features
+        held = np.concatenate([h.take(keep=True) for h in self._held])
         return {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
                 "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
-                "held_phi": np.concatenate([h[0] for h in held]),
-                "held_p": np.concatenate([h[1] for h in held]),
-                "held_group": np.repeat(np.arange(self.groups), [len(h[0]) for h in held])}
+                "held_phi": held[:, :f], "held_p": held[:, f:],
+                "held_group": np.repeat(np.arange(self.groups), [h.count for h in self._held])}
 
     def load_state(self, state):
         """Continue from :meth:`state` (``theta`` is refitted if absent)."""
         if state["G"].shape != self.G.shape or state["H"].shape != self.H.shape:
             raise ValueError(f"regression state of shape {state['G'].shape} does not fit "
                              f"this boundary's {self.G.shape}")
-        self.G, self.H = np.array(state["G"], dtype=float), np.array(state["H"], dtype=float)
+        self.G[...] = state["G"]
+        self.H[...] = state["H"]
         self.scale = float(state.get("scale", 1.0))
         self.pairs = int(state["pairs"])
         self._predictor = {}
@@ -295,7 +316,7 @@ class CostateRegression:
                 raise ValueError("the held regression pairs do not fit this boundary")
             for g in range(self.groups):
                 rows = group == g
-                self._held[g].append(state["held_phi"][rows], state["held_p"][rows])
+                self._held[g].append(np.hstack([state["held_phi"][rows], state["held_p"][rows]]))
         if "theta" in state:
             self.theta = np.array(state["theta"], dtype=float)
         else:
@@ -303,33 +324,28 @@ class CostateRegression:
 
 
 class _Held:
-    """Weighted pairs of one group not yet folded into its normal equations."""
+    """Weighted pairs ``[φ, p]`` of one group not yet folded into its normal equations."""
 
     def __init__(self, f, sw, rows=64):
-        self.phi = np.empty((rows, f))
-        self.p = np.empty((rows, sw))
+        self.rows = np.empty((rows, f + sw))
         self.count = 0
 
-    def append(self, phi, p):
-        m = len(phi)
-        if self.count + m > len(self.phi):
-            size = max(2 * len(self.phi), self.count + m)
-            for name in ("phi", "p"):
-                old = getattr(self, name)
-                new = np.empty((size, old.shape[1]))
-                new[:self.count] = old[:self.count]
-                setattr(self, name, new)
-        self.phi[self.count:self.count + m] = phi
-        self.p[self.count:self.count + m] = p
+    def append(self, rows):
+        m = len(rows)
+        if self.count + m > len(self.rows):
+            grown = np.empty((max(2 * len(self.rows), self.count + m), self.rows.shape[1]))
+            grown[:self.count] = self.rows[:self.count]
+            self.rows = grown
+        self.rows[self.count:self.count + m] = rows
         self.count += m
 
     def take(self, keep=False):
-        """The held ``(phi, p)`` (views; copies with ``keep``), emptied unless ``keep``."""
+        """The held rows (a view; a copy with ``keep``), emptied unless ``keep``."""
         m = self.count
         if keep:
-            return self.phi[:m].copy(), self.p[:m].copy()
+            return self.rows[:m].copy()
         self.count = 0
-        return self.phi[:m], self.p[:m]
+        return self.rows[:m]
 
 
 def prediction_errors(lam_hat, lam):
@@ -338,5 +354,5 @@ def prediction_errors(lam_hat, lam):
     diff = np.subtract(lam_hat, lam, dtype=np.float64)
     sq = float(np.vdot(diff, diff))
     mse = sq * n * n / diff.size
-    norm_hat = float(np.linalg.norm(lam_hat))
+    norm_hat = float(np.vdot(lam_hat, lam_hat)) ** 0.5
     return mse, (sq ** 0.5 / norm_hat if norm_hat > 0 else np.inf)
