@@ -37,7 +37,11 @@ class SGD:
         dtype = dtypes.pop()
         self.slots = {}
         end = 0
-        for name, v in params.items():
+        # laid out by name, not by the dict's order (a checkpoint's, read
+        # back, is alphabetical): the sums over the buffer, such as the decay
+        # penalty, then add the same numbers in the same order after a resume
+        for name in sorted(params):
+            v = params[name]
             self.slots[name] = (slice(end, end + v.size), v.shape)
             end += v.size
         self.flat = np.empty(end, dtype)

@@ -16,8 +16,11 @@ results/bench-swissroll/*.h5 --plots DIR`` compares and plots them.
 Columns of the summary: wall = training seconds (coarse phase included);
 iter = ms per iteration without the coarse phase; speed-up = median serial
 wall / median wall and iter-eff = serial iter / (N × iter), both against
-the one-thread serial run of the same depth; peak = largest per-rank peak
-resident memory (MiB).
+the one-thread serial run of the same depth; "median epoch" = the same from
+the median epoch's training time instead of the whole run's (an epoch of a
+run that a slow spell of the machine hit does not move it; with a few epochs
+only, prefer the whole-run columns); peak = largest per-rank peak resident
+memory (MiB).
 """
 import argparse
 import os
@@ -67,7 +70,10 @@ def figures(path):
         coarse = float(np.max(f["timing/coarse_wall"][()]))
         iters = len(f["history/loss"])
         mem = float(np.max(f["timing/rank_peak_memory"][()])) / 2**20
+        # training seconds of each epoch (the first from the end of the coarse phase)
+        epochs = np.diff(np.concatenate([[coarse], f["history/epoch_wall"][()]]))
         return {"wall": wall, "iter": 1e3 * (wall - coarse) / iters,
+                "epoch_iter": 1e3 * float(np.median(epochs)) * len(epochs) / iters,
                 "val": 100 * float(f["history/val_acc"][-1]), "peak": mem,
                 "ranks": int(f.attrs["ranks"])}
 
@@ -80,8 +86,9 @@ def med(values, fmt="{:.2f}"):
 
 
 def summarise(results, layers, methods):
-    rows = ["| layers | method | ranks | wall s | ms/iter | speed-up | iter-eff | val % | peak MiB |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| layers | method | ranks | wall s | ms/iter | speed-up | iter-eff "
+            "| ms/iter, median epoch | iter-eff, median epoch | val % | peak MiB |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for L in layers:
         base = results.get((L, "serial"))
         for name in methods:
@@ -90,17 +97,21 @@ def summarise(results, layers, methods):
                 continue
             wall_s, wall = med([r["wall"] for r in runs])
             it_s, it = med([r["iter"] for r in runs], "{:.3f}")
+            ep_s, ep = med([r["epoch_iter"] for r in runs], "{:.3f}")
             val_s, _ = med([r["val"] for r in runs])
             n = runs[0]["ranks"]
-            su = eff = "-"
+            su = eff = ep_eff = "-"
             if base:
                 b_wall = statistics.median(r["wall"] for r in base)
                 b_it = statistics.median(r["iter"] for r in base)
+                b_ep = statistics.median(r["epoch_iter"] for r in base)
                 sus = [b_wall / r["wall"] for r in runs]
                 su = med(sus)[0]
                 eff = f"{b_it / (n * it):.2f}"
+                ep_eff = f"{b_ep / (n * ep):.2f}"
             peak = f"{statistics.median(r['peak'] for r in runs):.0f}"
-            rows.append(f"| {L} | {name} | {n} | {wall_s} | {it_s} | {su} | {eff} | {val_s} | {peak} |")
+            rows.append(f"| {L} | {name} | {n} | {wall_s} | {it_s} | {su} | {eff} | {ep_s} "
+                        f"| {ep_eff} | {val_s} | {peak} |")
     return "\n".join(rows)
 
 

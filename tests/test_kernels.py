@@ -33,7 +33,7 @@ def fd_relative_error(net, params, X, y, rng, probes=4, eps=1e-6):
 @pytest.mark.parametrize("scheme", ["euler", "verlet"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("decay", [0.0, 0.05])
-@pytest.mark.parametrize("shape", [(5, 3, 4, 3, 3), (9, 2, 6, 7, 2)])
+@pytest.mark.parametrize("shape", [(5, 3, 4, 3, 3), (9, 2, 6, 7, 2), (40, 2, 10, 3, 2)])
 def test_gradient_matches_finite_differences(scheme, activation, decay, shape):
     n, d, w, L, c = shape
     net = ResNet(scheme, d, w, L, c, T=2.0, activation=activation, weight_decay=decay)
@@ -42,6 +42,30 @@ def test_gradient_matches_finite_differences(scheme, activation, decay, shape):
     X = rng.standard_normal((n, d))
     y = rng.integers(0, c, n)
     assert fd_relative_error(net, params, X, y, rng) <= 1e-6
+
+
+def test_the_largest_shape_checked_takes_the_prescaled_tanh():
+    from pitmpi.kernels import Activation
+    assert Activation("tanh").prescale(np.dtype(np.float64), 40 * 10) == -2.0
+    assert Activation("tanh").prescale(np.dtype(np.float64), 9 * 6) == 1.0
+    assert Activation("tanh").prescale(np.dtype(np.float32), 40 * 10) == 1.0
+
+
+@pytest.mark.parametrize("scheme, store", [("euler", True), ("verlet", True), ("verlet", False)])
+def test_prescaled_tanh_sweeps_match_numpy_tanh(scheme, store, monkeypatch):
+    from pitmpi.kernels import activations
+    net = ResNet(scheme, 2, 16, 6, 2, T=2.0, store_trajectory=store)
+    params = perturbed_params(net, 2)
+    rng = np.random.default_rng(4)
+    X, y = rng.standard_normal((64, 2)) * 3, rng.integers(0, 2, 64)
+    assert activations.Activation("tanh").prescale(np.dtype(np.float64), 64 * 16) == -2.0
+    loss, grads = net.loss_and_grad(params, X, y)
+    monkeypatch.setattr(activations, "EXP_TANH_PRESCALED_MIN", 10 ** 9)
+    monkeypatch.setattr(activations, "EXP_TANH_MIN", 10 ** 9)
+    want_loss, want = net.loss_and_grad(params, X, y)
+    assert abs(loss - want_loss) <= 1e-14
+    for k in grads:
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-11, atol=1e-13, err_msg=k)
 
 
 def test_finite_difference_check_can_fail():

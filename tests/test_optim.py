@@ -87,3 +87,18 @@ def test_block_optimizer_takes_the_adjoint_gradients_in_place(scheme):
     assert loss + penalty == pytest.approx(expected_loss, rel=1e-13)
     for k in params:
         np.testing.assert_allclose(params[k], start[k] - 0.1 * g[k], rtol=1e-13, atol=1e-15)
+
+
+def test_layout_does_not_depend_on_the_order_of_the_dict():
+    # a checkpoint read back lists parameters alphabetically, a fresh start in
+    # the network's order: the buffer, and so every sum over it, must agree
+    rng = np.random.default_rng(3)
+    shapes = {"open.K": (4, 2), "K": (3, 4, 4), "b": (3, 4), "cls.W": (2, 4)}
+    params = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    decay = {k: 0.01 * (i + 1) for i, k in enumerate(shapes)}
+    grads = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    a = SGD({k: params[k].copy() for k in shapes}, 0.9, decay)
+    b = SGD({k: params[k].copy() for k in sorted(shapes, reverse=True)}, 0.9, decay)
+    np.testing.assert_array_equal(a.flat, b.flat)
+    assert a.step(a.params, grads, 0.1) == b.step(b.params, grads, 0.1)
+    np.testing.assert_array_equal(a.flat, b.flat)

@@ -13,6 +13,7 @@ block's own layers), so a full network is the block ``[0, L)``.
 """
 import numpy as np
 
+from .activations import prescaled
 from .workspace import layers_per_chunk, scratch
 
 
@@ -73,13 +74,15 @@ def forward(K, b, h, x, act, store=True, ws=None):
         Y = [scratch(ws, "Ya", (n, w), x.dtype), scratch(ws, "Yb", (n, w), x.dtype)] * (m + 1)
         S = [scratch(ws, "s", (n, w), x.dtype)] * m
     Y[0][...] = x
-    for j in range(m):
-        s = S[j]
-        np.matmul(Y[j], K[j].T, out=s)
-        s += b[j]
-        act.apply(s)
-        np.multiply(s, h, out=Y[j + 1])
-        Y[j + 1] += Y[j]
+    factor, K, b = prescaled(K, b, act, n, ws)
+    with np.errstate(over="ignore"):
+        for j in range(m):
+            s = S[j]
+            np.matmul(Y[j], K[j].T, out=s)
+            s += b[j]
+            act.apply_prescaled(s, factor)
+            np.multiply(s, h, out=Y[j + 1])
+            Y[j + 1] += Y[j]
     end = np.array(Y[m])
     return EulerTrajectory(end, Y, S) if store else EulerTrajectory(end)
 

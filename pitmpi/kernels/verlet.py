@@ -19,6 +19,7 @@ the price of a second forward sweep.
 """
 import numpy as np
 
+from .activations import prescaled
 from .workspace import layers_per_chunk, scratch
 
 
@@ -47,16 +48,17 @@ class VerletTrajectory:
         return self.end
 
 
-def _step(Kj, bj, h, Yj, Zj, act, sa, sb, Yn, Zn):
-    """One leapfrog step from ``(Yj, Zj)`` into ``(Yn, Zn)``; fills ``sa, sb``."""
+def _step(Kj, bj, h, Yj, Zj, act, factor, sa, sb, Yn, Zn):
+    """One leapfrog step from ``(Yj, Zj)`` into ``(Yn, Zn)``; fills ``sa, sb``
+    (``Kj, bj`` scaled by ``factor``, see :func:`prescaled`)."""
     np.matmul(Yj, Kj, out=sa)
     sa += bj
-    act.apply(sa)
+    act.apply_prescaled(sa, factor)
     np.multiply(sa, -h, out=Zn)
     Zn += Zj
     np.matmul(Zn, Kj.T, out=sb)
     sb += bj
-    act.apply(sb)
+    act.apply_prescaled(sb, factor)
     np.multiply(sb, h, out=Yn)
     Yn += Yj
 
@@ -85,6 +87,14 @@ def forward(K, b, h, x, act, store=True, ws=None):
     m, w = K.shape[0], K.shape[1]
     n = x.shape[0]
     dt = x.dtype
+    factor, K, b = prescaled(K, b, act, n, ws)
+    with np.errstate(over="ignore"):
+        return _forward(K, b, h, x, act, factor, store, ws)
+
+
+def _forward(K, b, h, x, act, factor, store, ws):
+    m, w = K.shape[0], K.shape[1]
+    n, dt = x.shape[0], x.dtype
     if store:
         Y = scratch(ws, "Y", (m + 1, n, w), dt)
         Z = scratch(ws, "Z", (m + 1, n, w), dt)
@@ -93,14 +103,14 @@ def forward(K, b, h, x, act, store=True, ws=None):
         Y[0] = x[:, :w]
         Z[0] = x[:, w:]
         for j in range(m):
-            _step(K[j], b[j], h, Y[j], Z[j], act, SA[j], SB[j], Y[j + 1], Z[j + 1])
+            _step(K[j], b[j], h, Y[j], Z[j], act, factor, SA[j], SB[j], Y[j + 1], Z[j + 1])
         return VerletTrajectory(np.hstack([Y[-1], Z[-1]]), Y, Z, SA, SB)
     Yc, Zc, Yn, Zn, sa, sb = (scratch(ws, name, (n, w), dt)
                               for name in ("Yc", "Zc", "Yn", "Zn", "sa", "sb"))
     Yc[...] = x[:, :w]
     Zc[...] = x[:, w:]
     for j in range(m):
-        _step(K[j], b[j], h, Yc, Zc, act, sa, sb, Yn, Zn)
+        _step(K[j], b[j], h, Yc, Zc, act, factor, sa, sb, Yn, Zn)
         Yc, Yn = Yn, Yc
         Zc, Zn = Zn, Zc
     return VerletTrajectory(np.hstack([Yc, Zc]))
@@ -170,6 +180,17 @@ def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
     SA, SB = (scratch(ws, name, (c, n, w), dt) for name in ("rSA", "rSB"))
     Y[c] = traj.end[:, :w]
     Z[c] = traj.end[:, w:]
+    factor, Ks, bs = prescaled(K, b, act, n, ws)
+    with np.errstate(over="ignore"):
+        _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb)
+    gK *= h
+    gb *= h
+
+
+def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb):
+    """Chunk by chunk from the right: rebuild the states with the prescaled
+    ``Ks, bs``, then the chunk's adjoint (with ``K``)."""
+    m, c = K.shape[0], bufs.c
     for hi in range(m, 0, -c):
         lo = max(hi - c, 0)
         k = hi - lo
@@ -179,19 +200,17 @@ def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
         for i in range(k - 1, -1, -1):
             # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
             j = lo + i
-            np.matmul(Z[i + 1], K[j].T, out=SB[i])
-            SB[i] += b[j]
-            act.apply(SB[i])
+            np.matmul(Z[i + 1], Ks[j].T, out=SB[i])
+            SB[i] += bs[j]
+            act.apply_prescaled(SB[i], factor)
             np.multiply(SB[i], -h, out=Y[i])
             Y[i] += Y[i + 1]
-            np.matmul(Y[i], K[j], out=SA[i])
-            SA[i] += b[j]
-            act.apply(SA[i])
+            np.matmul(Y[i], Ks[j], out=SA[i])
+            SA[i] += bs[j]
+            act.apply_prescaled(SA[i], factor)
             np.multiply(SA[i], h, out=Z[i])
             Z[i] += Z[i + 1]
         bufs.adjoint(lo, hi, Y[:k + 1], Z[:k + 1], SA[:k], SB[:k], act, lamY, lamZ, tmp, gK, gb)
-    gK *= h
-    gb *= h
 
 
 class _ChunkBuffers:
