@@ -84,10 +84,7 @@ def forward(K, b, h, x, act, store=True, ws=None):
     VerletTrajectory
         Its ``end`` is a new array.
     """
-    m, w = K.shape[0], K.shape[1]
-    n = x.shape[0]
-    dt = x.dtype
-    factor, K, b = prescaled(K, b, act, n, ws)
+    factor, K, b = prescaled(K, b, act, x.shape[0], ws)
     with np.errstate(over="ignore"):
         return _forward(K, b, h, x, act, factor, store, ws)
 
