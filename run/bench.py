@@ -20,7 +20,9 @@ the one-thread serial run of the same depth; "median epoch" = the same from
 the median epoch's training time instead of the whole run's (an epoch of a
 run that a slow spell of the machine hit does not move it; with a few epochs
 only, prefer the whole-run columns); peak = largest per-rank peak resident
-memory (MiB).
+memory (MiB).  Before each run the harness times a fixed small NumPy loop
+(the machine probe, stored in the file as ``bench_probe_us``); the summary
+ends with its spread and names the runs that started in a slow spell.
 """
 import argparse
 import os
@@ -35,6 +37,22 @@ import numpy as np
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
            "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
+
+
+def probe(chunks=7, calls=300):
+    """Microseconds per call of a fixed small NumPy workload (a Swiss-roll
+    sized product and ``tanh``), the median over ``chunks``: how fast the
+    machine is right now, taken before each run so that a run which started in
+    a slow spell of a shared machine can be told from a slower method."""
+    rng = np.random.default_rng(0)
+    a, K = rng.standard_normal((32, 16)), 0.1 * rng.standard_normal((16, 16))
+    times = []
+    for _ in range(chunks):
+        t = time.perf_counter()
+        for _ in range(calls):
+            np.tanh(a @ K, out=a)
+        times.append((time.perf_counter() - t) / calls * 1e6)
+    return statistics.median(times)
 
 
 def run_one(args, name, layers, repeat):
@@ -56,11 +74,15 @@ def run_one(args, name, layers, repeat):
     threads = os.cpu_count() if name == "serial-allcores" else 1
     env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    speed = probe()
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    print(f"  {os.path.basename(path)}: {time.perf_counter() - t:.1f} s", flush=True)
+    with h5py.File(path, "a") as f:
+        f.attrs["bench_probe_us"] = speed
+    print(f"  {os.path.basename(path)}: {time.perf_counter() - t:.1f} s "
+          f"(machine probe {speed:.2f} µs)", flush=True)
     return path
 
 
@@ -73,6 +95,8 @@ def figures(path):
         # training seconds of each epoch (the first from the end of the coarse phase)
         epochs = np.diff(np.concatenate([[coarse], f["history/epoch_wall"][()]]))
         return {"wall": wall, "iter": 1e3 * (wall - coarse) / iters,
+                "probe": float(f.attrs.get("bench_probe_us", np.nan)),
+                "file": os.path.basename(path),
                 "epoch_iter": 1e3 * float(np.median(epochs)) * len(epochs) / iters,
                 "val": 100 * float(f["history/val_acc"][-1]), "peak": mem,
                 "ranks": int(f.attrs["ranks"])}
@@ -115,6 +139,25 @@ def summarise(results, layers, methods):
     return "\n".join(rows)
 
 
+SLOW_PROBE = 1.15  # a run that started with the probe this much above the fastest one is flagged
+
+
+def probe_line(results):
+    """One line on how fast the machine was when each run started (:func:`probe`)."""
+    runs = [r for rs in results.values() for r in rs if np.isfinite(r["probe"])]
+    if not runs:
+        return "machine probe: none recorded (runs from an earlier harness)"
+    speeds = [r["probe"] for r in runs]
+    fastest = min(speeds)
+    slow = sorted(r["file"] for r in runs if r["probe"] > SLOW_PROBE * fastest)
+    line = (f"machine probe before each run: {fastest:.2f} / {statistics.median(speeds):.2f} / "
+            f"{max(speeds):.2f} µs (min / median / max over {len(runs)} runs); ")
+    if not slow:
+        return line + "no run started in a slow spell"
+    return (line + f"{len(slow)} started with the machine over {SLOW_PROBE:g}× slower than at its "
+            f"fastest (re-run them, or read their figures with care): {', '.join(slow)}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config (default: the built-in default problem)")
@@ -139,7 +182,7 @@ def main(argv=None):
         for L in args.layers:
             for name in args.methods:
                 results.setdefault((L, name), []).append(figures(run_one(args, name, L, repeat)))
-    text = summarise(results, args.layers, args.methods)
+    text = summarise(results, args.layers, args.methods) + "\n\n" + probe_line(results)
     head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
             + (f"lr = {args.lr:g} × L / {args.scale_lr}, " if args.scale_lr else "")
             + f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")

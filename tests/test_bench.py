@@ -1,0 +1,39 @@
+"""run/bench.py's summary: medians, median-epoch figures and the machine probe."""
+import importlib.util
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "run" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fig(iter_ms, epoch_ms, probe, file, ranks=1):
+    return {"wall": iter_ms, "iter": iter_ms, "epoch_iter": epoch_ms, "val": 99.0, "peak": 80.0,
+            "ranks": ranks, "probe": probe, "file": file}
+
+
+def test_probe_line_names_the_runs_that_started_in_a_slow_spell(bench):
+    results = {(8, "serial"): [fig(2.0, 2.0, 10.0, "a.h5"), fig(2.1, 2.0, 10.5, "b.h5")],
+               (8, "pit"): [fig(1.5, 1.1, 12.0, "c.h5", 2), fig(1.1, 1.1, 10.2, "d.h5", 2)]}
+    line = bench.probe_line(results)
+    assert "10.00 / 10.35 / 12.00" in line and "1 started" in line and line.endswith("c.h5")
+    calm = {k: [r for r in v if r["file"] != "c.h5"] for k, v in results.items()}
+    assert bench.probe_line(calm).endswith("no run started in a slow spell")
+    old = {(8, "serial"): [fig(2.0, 2.0, np.nan, "a.h5")]}
+    assert "none recorded" in bench.probe_line(old)
+    # the median-epoch efficiency ignores the slow spell of the whole-run figure
+    table = bench.summarise(results, [8], ["serial", "pit"])
+    pit_row = table.splitlines()[-1].split("|")
+    assert pit_row[7].strip() == f"{2.05 / (2 * 1.3):.2f}" and pit_row[9].strip() == "0.91"
+
+
+def test_probe_measures_something(bench):
+    assert 0.0 < bench.probe(chunks=2, calls=10) < 1e5
