@@ -66,6 +66,19 @@ class Run:
     def iterations(self):
         return len(self.history.get("loss", ())) or 1
 
+    @property
+    def median_epoch_ms(self):
+        """Milliseconds per iteration in the median epoch (None without epochs):
+        a slow spell of the machine during some epochs does not move it, as it
+        moves ``wall / iterations``; the first epoch is counted from the end of
+        the coarse phase."""
+        walls = np.asarray(self.history.get("epoch_wall", ()), dtype=float)
+        if not walls.size:
+            return None
+        start = float(np.max(self.timing.get("coarse_wall", [0.0])))
+        per_epoch = np.diff(np.concatenate([[start], walls]))
+        return 1e3 * float(np.median(per_epoch)) * walls.size / self.iterations
+
     def time_to(self, target):
         """Training seconds until validation accuracy first reached ``target`` (None: never)."""
         acc = self.history.get("val_acc", np.array([]))
@@ -113,8 +126,10 @@ def summarise(path):
     lines.append(f"  accuracy  train {100 * h['train_acc'][-1]:.2f}%, validation "
                  f"{100 * h['val_acc'][-1]:.2f}% (best {100 * h['val_acc'].max():.2f}%), "
                  f"final train loss {h['train_loss'][-1]:.4f}")
+    epoch_ms = run.median_epoch_ms
     lines.append(f"  wall time {run.wall:.2f} s training, "
-                 f"{1e3 * run.wall / run.iterations:.3f} ms per iteration")
+                 f"{1e3 * run.wall / run.iterations:.3f} ms per iteration"
+                 + (f" ({epoch_ms:.3f} in the median epoch)" if epoch_ms is not None else ""))
     rows = []
     for r in range(run.ranks):
         rows.append([f"rank {r}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"
@@ -145,7 +160,7 @@ def compare(paths, target=None):
     """The comparison table of several output files."""
     runs = [load(p) for p in paths]
     header = ["file", "method", "ranks", "layers", "val %", "best %", "wall s", "ms/iter",
-              "speed-up", "efficiency"]
+              "speed-up", "efficiency", "median-epoch ms/iter"]
     if target is not None:
         header += [f"t({100 * target:g}%) s", "speed-up"]
     rows = []
@@ -156,7 +171,8 @@ def compare(paths, target=None):
         row = [os.path.basename(run.path), run.kind.split(" ×")[0], run.ranks, run.layers,
                f"{100 * run.history['val_acc'][-1]:.2f}", f"{100 * run.history['val_acc'].max():.2f}",
                f"{run.wall:.2f}", f"{per_iter:.3f}",
-               f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-"]
+               f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-",
+               f"{run.median_epoch_ms:.3f}" if run.median_epoch_ms is not None else "-"]
         if target is not None:
             t = run.time_to(target)
             tb = base.time_to(target) if base else None
@@ -164,5 +180,7 @@ def compare(paths, target=None):
                     f"{tb / t:.2f}" if t and tb else "-"]
         rows.append(row)
     note = ("speed-up = baseline wall / wall, against the serial run of the same dataset and "
-            "depth (else the fastest 1-rank run); efficiency = speed-up / ranks")
+            "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; median-epoch "
+            "ms/iter: from the median epoch's training time, which a slow spell of the "
+            "machine does not move")
     return table(header, rows) + "\n" + note

@@ -34,6 +34,8 @@ import time
 import h5py
 import numpy as np
 
+from pitmpi.report import load
+
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
            "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
@@ -87,19 +89,14 @@ def run_one(args, name, layers, repeat):
 
 
 def figures(path):
-    with h5py.File(path, "r") as f:
-        wall = float(f["timing/train_wall"][()])
-        coarse = float(np.max(f["timing/coarse_wall"][()]))
-        iters = len(f["history/loss"])
-        mem = float(np.max(f["timing/rank_peak_memory"][()])) / 2**20
-        # training seconds of each epoch (the first from the end of the coarse phase)
-        epochs = np.diff(np.concatenate([[coarse], f["history/epoch_wall"][()]]))
-        return {"wall": wall, "iter": 1e3 * (wall - coarse) / iters,
-                "probe": float(f.attrs.get("bench_probe_us", np.nan)),
-                "file": os.path.basename(path),
-                "epoch_iter": 1e3 * float(np.median(epochs)) * len(epochs) / iters,
-                "val": 100 * float(f["history/val_acc"][-1]), "peak": mem,
-                "ranks": int(f.attrs["ranks"])}
+    run = load(path)
+    t = run.timing
+    coarse = float(np.max(t["coarse_wall"]))
+    return {"wall": run.wall, "iter": 1e3 * (run.wall - coarse) / run.iterations,
+            "epoch_iter": run.median_epoch_ms,
+            "probe": float(run.attrs.get("bench_probe_us", np.nan)),
+            "file": os.path.basename(path), "val": 100 * float(run.history["val_acc"][-1]),
+            "peak": float(np.max(t["rank_peak_memory"])) / 2**20, "ranks": run.ranks}
 
 
 def med(values, fmt="{:.2f}"):

@@ -30,7 +30,8 @@ def test_summary_of_one_file(sweep, capsys):
     assert report([sweep[1]]) == 0
     out = capsys.readouterr().out
     for text in ("swissroll, verlet ResNet, width 16, 4 layers", "pit on 2 rank(s), 3 epochs",
-                 "partition [0,2), [2,4)", "validation", "rank 1", "comm wait", "regression"):
+                 "partition [0,2), [2,4)", "validation", "rank 1", "comm wait", "regression",
+                 "in the median epoch"):
         assert text in out, text
 
 
@@ -44,6 +45,15 @@ def test_comparison_has_speedups_against_serial_of_same_depth(sweep, capsys):
     want = load(sweep[2]).wall / load(sweep[3]).wall
     assert float(pit[8]) == pytest.approx(want, abs=0.006)
     assert float(pit[9]) == pytest.approx(want / 2, abs=0.006)
+
+
+def test_median_epoch_time_ignores_a_slow_epoch():
+    from pitmpi.report import Run
+    # 4 epochs of 2 iterations after a 0.5 s coarse phase: 1, 1, 1 and 6.5 s
+    run = Run("x.h5", {}, {}, {}, {"epoch_wall": np.array([1.5, 2.5, 3.5, 10.0]),
+                                   "loss": np.zeros(8)}, {"coarse_wall": np.array([0.5, 0.0])}, {})
+    assert run.median_epoch_ms == pytest.approx(500.0)
+    assert Run("x.h5", {}, {}, {}, {"loss": np.zeros(8)}, {}, {}).median_epoch_ms is None
 
 
 def test_plots_are_valid_pngs(sweep, tmp_path, capsys):
