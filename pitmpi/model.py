@@ -225,7 +225,9 @@ class Block:
         Returns
         -------
         BlockForward
-            ``.output`` is the state at ``b``, shape (n, state_width).
+            ``.output`` is the state at ``b``, shape (n, state_width): a new
+            array on every call, even when the workspace is reused (``pit``
+            keeps it to pair with the co-state that comes back later).
         """
         net = self.net
         if store is None:

@@ -131,6 +131,14 @@ def test_reused_buffers_give_the_same_results(scheme, store):
         np.testing.assert_array_equal(reused.forward(params, X, store=False).output,
                                       fresh.forward(params, X).output)
     assert reused.ws.nbytes() > 0 and fresh.ws is None
+    # each forward's output is its own array, which later sweeps leave alone
+    # (pit keeps it to pair with the co-state that comes back an iteration later)
+    first = reused.forward(params, X)
+    kept = first.output.copy()
+    for store_now in (True, False):
+        again = reused.forward(params, 3 * X, store=store_now)
+        assert not np.shares_memory(again.output, first.output)
+    np.testing.assert_array_equal(first.output, kept)
     # loss_and_grad hands out gradients that later calls leave alone
     _, g1 = net.loss_and_grad(params, X, y)
     keep = {k: v.copy() for k, v in g1.items()}

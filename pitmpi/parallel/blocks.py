@@ -98,7 +98,7 @@ class BlockTrainer(Trainer):
                 comm.recv(inp, self.prev, STATE_TAG)
             ctx = self.block.forward(self.params, inp, store=False)
             if self.next is not None:
-                out = np.array(ctx.output)  # the next chunk's forward reuses ctx's arrays
+                out = ctx.output  # a new array each forward, so it can travel while the next runs
                 sends.append((comm.isend(out, self.next, STATE_TAG), out))
             else:
                 l, c = score_stats(self.block.scores(self.params, ctx), yi)

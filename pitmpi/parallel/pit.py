@@ -150,8 +150,6 @@ class PitTrainer(BlockTrainer):
             if lam_in is not None:
                 self.check_finite("co-state at its left boundary", lam_in, k, epoch)
             loss = self.finish_step(grads, k, epoch, loss)
-            if self.next is not None:
-                x_out = np.array(x_out)  # keep: it pairs with next iteration's co-state
         x_send = x_out if x_out is not None else self.zeros
         lam_send = lam_in if lam_in is not None else self.zeros
         if self.delay:
