@@ -138,7 +138,7 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None):
     ndarray, shape (n, 2w)
         Co-state at the block's left end (a new array).
     """
-    m, w = K.shape[0], K.shape[1]
+    w = K.shape[1]
     n, dt = lam.shape[0], lam.dtype
     lamY, lamZ, tmp = (scratch(ws, name, (n, w), dt) for name in ("lamY", "lamZ", "tmp"))
     lamY[...] = lam[:, :w]
@@ -169,7 +169,7 @@ def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
     place on ``lamY, lamZ``: each chunk of layers is rebuilt from its right
     end into chunk-sized buffers, then swept as a stored one, so memory stays
     independent of depth."""
-    m, w = K.shape[0], K.shape[1]
+    w = K.shape[1]
     n, dt = lamY.shape[0], lamY.dtype
     bufs = _ChunkBuffers(K, h, lamY, ws)
     c = bufs.c

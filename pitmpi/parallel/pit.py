@@ -123,7 +123,7 @@ class PitTrainer(BlockTrainer):
         return k - self.pipeline_start >= rank or self.warmup == "coarse"
 
     def step(self, k, epoch):
-        comm, blk, r = self.comm, self.block, self.comm.rank
+        blk, r = self.block, self.comm.rank
         g = k - r
         needs_labels = blk.last or (self.reg is not None and self.reg.use_labels)
         y = self.labels(g) if needs_labels else None

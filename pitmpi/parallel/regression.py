@@ -236,7 +236,7 @@ class CostateRegression:
             if scale[g] <= 0:
                 self.theta[g] = 0.0
                 continue
-            # A[i] is symmetric, so its transpose is the same matrix in
+            # A[g] is symmetric, so its transpose is the same matrix in
             # Fortran order: LAPACK works on it in place
             _, theta, info = scipy.linalg.lapack.dposv(A[g].T, H[g], overwrite_a=True)
             if info != 0:  # not positive definite (no ridge): least-squares solution
