@@ -18,6 +18,7 @@ from .io import read_result
 
 TIME_KINDS = (("rank_compute", "compute"), ("rank_comm_wait", "comm wait"),
               ("rank_regression", "regression"), ("coarse_wall", "coarse phase"))
+SLOW_EPOCH = 1.25  # an epoch this much slower than the run's fast pace fell into a slow spell
 
 
 @dataclass
@@ -66,18 +67,36 @@ class Run:
     def iterations(self):
         return len(self.history.get("loss", ())) or 1
 
-    @property
-    def median_epoch_ms(self):
-        """Milliseconds per iteration in the median epoch (None without epochs):
-        a slow spell of the machine during some epochs does not move it, as it
-        moves ``wall / iterations``; the first epoch is counted from the end of
-        the coarse phase."""
+    def epoch_seconds(self):
+        """Training seconds of each epoch, shape (epochs,), the first counted
+        from the end of the coarse phase (None without epochs)."""
         walls = np.asarray(self.history.get("epoch_wall", ()), dtype=float)
         if not walls.size:
             return None
         start = float(np.max(self.timing.get("coarse_wall", [0.0])))
-        per_epoch = np.diff(np.concatenate([[start], walls]))
-        return 1e3 * float(np.median(per_epoch)) * walls.size / self.iterations
+        return np.diff(np.concatenate([[start], walls]))
+
+    @property
+    def median_epoch_ms(self):
+        """Milliseconds per iteration in the median epoch (None without epochs):
+        a slow spell of the machine during some epochs does not move it, as it
+        moves ``wall / iterations``."""
+        per_epoch = self.epoch_seconds()
+        if per_epoch is None:
+            return None
+        return 1e3 * float(np.median(per_epoch)) * per_epoch.size / self.iterations
+
+    @property
+    def slow_epoch_share(self):
+        """Fraction of the epochs that took over :data:`SLOW_EPOCH` times the
+        run's fast pace (its 10th-percentile epoch), None without epochs.
+        Epochs of one run do the same work, so these fell into slow spells
+        of the machine; with half or more of them slow, the median epoch is
+        slow too."""
+        per_epoch = self.epoch_seconds()
+        if per_epoch is None:
+            return None
+        return float(np.mean(per_epoch > SLOW_EPOCH * np.percentile(per_epoch, 10)))
 
     def time_to(self, target):
         """Training seconds until validation accuracy first reached ``target`` (None: never)."""
@@ -129,7 +148,9 @@ def summarise(path):
     epoch_ms = run.median_epoch_ms
     lines.append(f"  wall time {run.wall:.2f} s training, "
                  f"{1e3 * run.wall / run.iterations:.3f} ms per iteration"
-                 + (f" ({epoch_ms:.3f} in the median epoch)" if epoch_ms is not None else ""))
+                 + (f" ({epoch_ms:.3f} in the median epoch; {100 * run.slow_epoch_share:.0f} % "
+                    f"of epochs over {SLOW_EPOCH:g}× the run's fast pace)"
+                    if epoch_ms is not None else ""))
     rows = []
     for r in range(run.ranks):
         rows.append([f"rank {r}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"

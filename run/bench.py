@@ -22,7 +22,10 @@ run that a slow spell of the machine hit does not move it; with a few epochs
 only, prefer the whole-run columns); peak = largest per-rank peak resident
 memory (MiB).  Before each run the harness times a fixed small NumPy loop
 (the machine probe, stored in the file as ``bench_probe_us``); the summary
-ends with its spread and names the runs that started in a slow spell.
+ends with its spread and names the runs that started in a slow spell, then
+with the share of each run's epochs that took over 1.25× the run's fast
+pace, naming the runs where that is half or more (their median epoch is
+slow too).
 """
 import argparse
 import os
@@ -34,7 +37,7 @@ import time
 import h5py
 import numpy as np
 
-from pitmpi.report import load
+from pitmpi.report import SLOW_EPOCH, load
 
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
@@ -93,7 +96,7 @@ def figures(path):
     t = run.timing
     coarse = float(np.max(t["coarse_wall"]))
     return {"wall": run.wall, "iter": 1e3 * (run.wall - coarse) / run.iterations,
-            "epoch_iter": run.median_epoch_ms,
+            "epoch_iter": run.median_epoch_ms, "slow": run.slow_epoch_share,
             "probe": float(run.attrs.get("bench_probe_us", np.nan)),
             "file": os.path.basename(path), "val": 100 * float(run.history["val_acc"][-1]),
             "peak": float(np.max(t["rank_peak_memory"])) / 2**20, "ranks": run.ranks}
@@ -155,6 +158,24 @@ def probe_line(results):
             f"fastest (re-run them, or read their figures with care): {', '.join(slow)}")
 
 
+def slow_epochs_line(results):
+    """One line on the epochs that fell into slow spells of the machine
+    (:attr:`pitmpi.report.Run.slow_epoch_share`), naming the runs where they
+    are half or more, whose median-epoch figures are then slow too."""
+    runs = [r for rs in results.values() for r in rs if r.get("slow") is not None]
+    if not runs:
+        return "slow epochs: no epoch times recorded"
+    shares = [r["slow"] for r in runs]
+    line = (f"epochs over {SLOW_EPOCH:g}× their run's fast pace (slow spells of the machine): "
+            f"{100 * statistics.median(shares):.0f} % of a run's epochs in the median run, "
+            f"{100 * max(shares):.0f} % at most; ")
+    bad = sorted(r["file"] for r in runs if r["slow"] >= 0.5)
+    if not bad:
+        return line + "no run had half of its epochs slow"
+    return (line + f"{len(bad)} had half or more, so their median epoch is slow too (re-run "
+            f"them): {', '.join(bad)}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config (default: the built-in default problem)")
@@ -179,7 +200,8 @@ def main(argv=None):
         for L in args.layers:
             for name in args.methods:
                 results.setdefault((L, name), []).append(figures(run_one(args, name, L, repeat)))
-    text = summarise(results, args.layers, args.methods) + "\n\n" + probe_line(results)
+    text = (summarise(results, args.layers, args.methods) + "\n\n" + probe_line(results)
+            + "\n\n" + slow_epochs_line(results))
     head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
             + (f"lr = {args.lr:g} × L / {args.scale_lr}, " if args.scale_lr else "")
             + f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")

@@ -15,9 +15,9 @@ def bench():
     return module
 
 
-def fig(iter_ms, epoch_ms, probe, file, ranks=1):
+def fig(iter_ms, epoch_ms, probe, file, ranks=1, slow=0.0):
     return {"wall": iter_ms, "iter": iter_ms, "epoch_iter": epoch_ms, "val": 99.0, "peak": 80.0,
-            "ranks": ranks, "probe": probe, "file": file}
+            "ranks": ranks, "probe": probe, "file": file, "slow": slow}
 
 
 def test_probe_line_names_the_runs_that_started_in_a_slow_spell(bench):
@@ -33,6 +33,18 @@ def test_probe_line_names_the_runs_that_started_in_a_slow_spell(bench):
     table = bench.summarise(results, [8], ["serial", "pit"])
     pit_row = table.splitlines()[-1].split("|")
     assert pit_row[7].strip() == f"{2.05 / (2 * 1.3):.2f}" and pit_row[9].strip() == "0.91"
+
+
+def test_slow_epochs_line_names_the_runs_half_slow(bench):
+    results = {(8, "serial"): [fig(2.0, 2.0, 10.0, "a.h5", slow=0.1)],
+               (8, "pit"): [fig(1.5, 1.4, 10.0, "b.h5", 2, slow=0.5),
+                            fig(1.1, 1.1, 10.0, "c.h5", 2, slow=0.02)]}
+    line = bench.slow_epochs_line(results)
+    assert "10 % of a run's epochs in the median run, 50 % at most" in line
+    assert line.endswith("(re-run them): b.h5")
+    results[(8, "pit")] = results[(8, "pit")][1:]
+    assert bench.slow_epochs_line(results).endswith("no run had half of its epochs slow")
+    assert "no epoch times" in bench.slow_epochs_line({(8, "serial"): [fig(2, 2, 10, "a", slow=None)]})
 
 
 def test_probe_measures_something(bench):

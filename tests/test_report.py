@@ -56,6 +56,20 @@ def test_median_epoch_time_ignores_a_slow_epoch():
     assert Run("x.h5", {}, {}, {}, {"loss": np.zeros(8)}, {}, {}).median_epoch_ms is None
 
 
+def test_slow_epoch_share_counts_the_epochs_over_the_runs_fast_pace():
+    from pitmpi.report import Run
+    # fast pace = the 10th percentile, 1.018 s: 4 of 10 are over 1.25× it
+    per_epoch = np.array([1.0, 1.02, 1.04, 1.06, 1.1, 1.2, 1.3, 1.4, 2.0, 2.1])
+    run = Run("x.h5", {}, {}, {}, {"epoch_wall": np.cumsum(per_epoch), "loss": np.zeros(20)},
+              {"coarse_wall": np.array([0.0])}, {})
+    assert run.slow_epoch_share == pytest.approx(0.4)
+    assert np.allclose(run.epoch_seconds(), per_epoch)
+    calm = Run("x.h5", {}, {}, {}, {"epoch_wall": np.arange(1.0, 11.0), "loss": np.zeros(20)},
+               {}, {})
+    assert calm.slow_epoch_share == 0.0
+    assert Run("x.h5", {}, {}, {}, {"loss": np.zeros(8)}, {}, {}).slow_epoch_share is None
+
+
 def test_plots_are_valid_pngs(sweep, tmp_path, capsys):
     import matplotlib.image
     assert report(sweep + ["--plots", str(tmp_path / "fig")]) == 0
