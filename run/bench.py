@@ -1,7 +1,9 @@
 """Benchmark harness: methods × depths × repeats, medians, one BLAS thread per rank.
 
 Runs ``python -m pitmpi train`` in subprocesses (``mpiexec -n N`` for the
-parallel methods), one output file per run, then prints and writes a Markdown
+parallel methods), one output file per run (a file already in the output
+folder is kept and used, and said so, so an interrupted sweep continues;
+``--force`` runs it again), then prints and writes a Markdown
 summary (``summary.md`` in the output folder) of medians with min–max:
 
     python run/bench.py --config run/swissroll.toml --layers 16 32 64 128 256 \\
@@ -65,6 +67,8 @@ def run_one(args, name, layers, repeat):
     ranks = 1 if method == "serial" else args.ranks
     path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}-r{repeat}.h5")
     if os.path.exists(path) and not args.force:
+        print(f"  {os.path.basename(path)}: kept from an earlier run (--force runs it again)",
+              flush=True)
         return path
     cmd = [sys.executable, "-m", "pitmpi", "train"] + ([args.config] if args.config else [])
     cmd += ["--quiet", "--out", path, "--set", f"train.method={method}",

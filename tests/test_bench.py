@@ -47,5 +47,14 @@ def test_slow_epochs_line_names_the_runs_half_slow(bench):
     assert "no epoch times" in bench.slow_epochs_line({(8, "serial"): [fig(2, 2, 10, "a", slow=None)]})
 
 
+def test_a_file_already_there_is_kept_and_said_so(bench, tmp_path, capsys):
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path), force=False, ranks=2)
+    kept = tmp_path / "L0008-pit-n2-r0.h5"
+    kept.write_bytes(b"")
+    assert bench.run_one(args, "pit", 8, 0) == str(kept)
+    assert "L0008-pit-n2-r0.h5: kept from an earlier run (--force" in capsys.readouterr().out
+
+
 def test_probe_measures_something(bench):
     assert 0.0 < bench.probe(chunks=2, calls=10) < 1e5
