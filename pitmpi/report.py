@@ -181,7 +181,7 @@ def compare(paths, target=None):
     """The comparison table of several output files."""
     runs = [load(p) for p in paths]
     header = ["file", "method", "ranks", "layers", "val %", "best %", "wall s", "ms/iter",
-              "speed-up", "efficiency", "median-epoch ms/iter"]
+              "speed-up", "efficiency", "median-epoch ms/iter", "slow epochs %"]
     if target is not None:
         header += [f"t({100 * target:g}%) s", "speed-up"]
     rows = []
@@ -193,7 +193,8 @@ def compare(paths, target=None):
                f"{100 * run.history['val_acc'][-1]:.2f}", f"{100 * run.history['val_acc'].max():.2f}",
                f"{run.wall:.2f}", f"{per_iter:.3f}",
                f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-",
-               f"{run.median_epoch_ms:.3f}" if run.median_epoch_ms is not None else "-"]
+               f"{run.median_epoch_ms:.3f}" if run.median_epoch_ms is not None else "-",
+               f"{100 * run.slow_epoch_share:.0f}" if run.slow_epoch_share is not None else "-"]
         if target is not None:
             t = run.time_to(target)
             tb = base.time_to(target) if base else None
@@ -203,5 +204,6 @@ def compare(paths, target=None):
     note = ("speed-up = baseline wall / wall, against the serial run of the same dataset and "
             "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; median-epoch "
             "ms/iter: from the median epoch's training time, which a slow spell of the "
-            "machine does not move")
+            f"machine does not move; slow epochs: those over {SLOW_EPOCH:g}× the run's fast "
+            "pace (its 10th-percentile epoch), slow spells of the machine")
     return table(header, rows) + "\n" + note

@@ -45,6 +45,7 @@ def test_comparison_has_speedups_against_serial_of_same_depth(sweep, capsys):
     want = load(sweep[2]).wall / load(sweep[3]).wall
     assert float(pit[8]) == pytest.approx(want, abs=0.006)
     assert float(pit[9]) == pytest.approx(want / 2, abs=0.006)
+    assert pit[11] == f"{100 * load(sweep[3]).slow_epoch_share:.0f}"
 
 
 def test_median_epoch_time_ignores_a_slow_epoch():
