@@ -189,12 +189,13 @@ def compare(paths, target=None):
         base = baseline_of(run, runs)
         su = base.wall / run.wall if base else None
         per_iter = 1e3 * run.wall / run.iterations
+        epoch_ms, slow = run.median_epoch_ms, run.slow_epoch_share
         row = [os.path.basename(run.path), run.kind.split(" ×")[0], run.ranks, run.layers,
                f"{100 * run.history['val_acc'][-1]:.2f}", f"{100 * run.history['val_acc'].max():.2f}",
                f"{run.wall:.2f}", f"{per_iter:.3f}",
                f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-",
-               f"{run.median_epoch_ms:.3f}" if run.median_epoch_ms is not None else "-",
-               f"{100 * run.slow_epoch_share:.0f}" if run.slow_epoch_share is not None else "-"]
+               f"{epoch_ms:.3f}" if epoch_ms is not None else "-",
+               f"{100 * slow:.0f}" if slow is not None else "-"]
         if target is not None:
             t = run.time_to(target)
             tb = base.time_to(target) if base else None
