@@ -177,6 +177,7 @@ def test_held_pairs_give_the_same_fit_as_adding_one_batch_at_a_time(features):
         lam = rng.standard_normal((20, 6))
         eager.add(x, y, lam, refit=True)
         lazy.add(x, y, lam, refit=(i % 5 == 4))  # held for five batches, some flushed when full
+        assert lazy._held.count <= 50
     lazy.refit()
     np.testing.assert_allclose(lazy.G, eager.G, rtol=1e-12)
     np.testing.assert_allclose(lazy.H, eager.H, rtol=1e-12)
@@ -214,7 +215,7 @@ def test_one_hot_products_give_the_class_by_class_fit():
         lam = rng.standard_normal((20, 6))
         for reg in (one_hot, by_class):
             reg.add(x, y, lam, refit=reg.due(i + 1, 2))
-    assert not any(h.count for h in one_hot._held)  # nothing held: straight into G, H
+    assert not one_hot._held.count  # nothing held: straight into G, H
     for reg in (one_hot, by_class):
         reg.refit()
     np.testing.assert_allclose(one_hot.G, by_class.G, rtol=1e-12)
@@ -229,6 +230,24 @@ def test_one_hot_products_give_the_class_by_class_fit():
     assert CostateRegression(32, 2, features="per-class")._use_one_hot(32)
     assert not CostateRegression(128, 10, features="per-class")._use_one_hot(128)
     assert not CostateRegression(32, 2, features="state")._use_one_hot(32)
+
+
+@pytest.mark.parametrize("features", ["state", "state+label", "per-class"])
+def test_the_cached_predictor_follows_every_refit(features):
+    """The prediction kept between refits is rewritten, in place, for the
+    groups refitted since: after staggered refits it equals a fresh copy's."""
+    rng = np.random.default_rng(6)
+    reg = CostateRegression(5, 4, features=features, forgetting=0.8, one_hot=False)
+    xt, yt = rng.standard_normal((12, 5)), rng.integers(0, 4, 12)
+    for i in range(9):
+        x, y = rng.standard_normal((16, 5)), rng.integers(0, 4, 16)
+        reg.add(x, y, rng.standard_normal((16, 5)), refit=reg.due(i + 1, 3))
+        for dtype in (np.float64, np.float32):
+            cached = reg.predict(xt.astype(dtype), yt)
+            fresh = CostateRegression(5, 4, features=features, one_hot=False)
+            fresh.load_state(reg.state())
+            np.testing.assert_array_equal(cached, fresh.predict(xt.astype(dtype), yt))
+    assert reg.pairs == 9 * 16
 
 
 def test_staggered_refits_visit_every_group_once_per_period():

@@ -78,9 +78,9 @@ def regression_cost(net, cfg, batch_size):
 
     Its float64 arithmetic per iteration — pair update ``m (f² + f sw)``,
     refits ``(f³/3 + f² sw)`` per group refitted — and the prediction ``n f
-    sw`` in the network's dtype, plus its calls: class by class, about ``11 +
-    3g`` for the prediction and the pair update with ``g`` groups, 12 per
-    group refit and 6 for the error history; with the one-hot products
+    sw`` in the network's dtype, plus its calls: class by class, about ``5 +
+    3g`` for the prediction with ``g`` groups, 10 for the pair update, 14
+    per group refit and 6 for the error history; with the one-hot products
     (:func:`~pitmpi.parallel.regression.one_hot_cheaper`: ``g`` times the
     arithmetic of prediction and update) 14, then 5 per refit plus 3 per
     group refitted, and 4."""
@@ -100,8 +100,7 @@ def regression_cost(net, cfg, batch_size):
     if one_hot:
         calls = 14 + 5 * min(refits, 1) + 3 * refits + 4
     else:
-        touched = min(groups, m) if groups > 1 else 0
-        calls = (5 + 3 * (groups if groups > 1 else 0)) + (10 + 3 * touched) + 12 * refits + 6
+        calls = (5 + 3 * (groups if groups > 1 else 0)) + 10 + 14 * refits + 6
     return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 

@@ -36,11 +36,13 @@ class CostateRegression:
     (``c`` Cholesky factorisations of size ``sw + 1`` instead of one of size
     ``c (sw + 1)``).
 
-    New pairs wait in a buffer per group and enter that group's ``G`` and
-    ``H`` in one product when the group is refitted (or its buffer is full):
-    ``Θ`` depends on them only through a refit, so the result is the same as
-    adding them one batch at a time (up to the order of the sums), at a
-    fraction of the cost of many thin products.
+    New pairs wait in one buffer, with their groups, and enter a group's
+    ``G`` and ``H`` in one product when that group is refitted (or the
+    buffer is full): ``Θ`` depends on them only through a refit, so the
+    result is the same as adding them one batch at a time (up to the order
+    of the sums), at a fraction of the cost of many thin products.  Each
+    group remembers how far into the buffer it has folded; the buffer
+    empties once every group is past its end.
 
     Parameters
     ----------
@@ -56,8 +58,8 @@ class CostateRegression:
         Add only the first this many pairs of each batch (batches are random
         draws, so these are a random subset; 0: all).
     buffer_rows : int
-        A group's held pairs are folded into its ``G`` and ``H`` when it is
-        refitted or when it holds this many.
+        Held pairs are folded into their groups' ``G`` and ``H`` when those
+        are refitted, or all at once when this many are held.
     one_hot : bool or None
         ``per-class`` only: predict and add all classes at once through
         one-hot-masked products (pairs enter ``G`` and ``H`` at once, none
@@ -74,7 +76,7 @@ class CostateRegression:
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
-                 pairs_per_batch=0, buffer_rows=1024, one_hot=None):
+                 pairs_per_batch=0, buffer_rows=4096, one_hot=None):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
@@ -91,8 +93,8 @@ class CostateRegression:
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
-        self._held = [_Held(f, sw) for _ in range(self.groups)]
-        self._predictor = {}  # (dtype, n) -> (weights, offsets, rows) cut from theta / n
+        self._held = _Held(self.groups, f, sw)
+        self._predictor = {}  # (dtype, n) -> _Predictor: theta / n in the batch's dtype
         self.one_hot = one_hot
         self._class_ids = np.arange(self.groups)[:, None]
 
@@ -187,24 +189,21 @@ class CostateRegression:
             self.refit(None if refit is True else refit)
 
     def _hold(self, rows, y, m):
-        """Keep weighted pairs ``[φ, p]`` in their groups' buffers until those are refitted."""
-        order, segments = self._segments(y, m)
-        if order is not None:
-            rows = rows[order]
-        for g, part in segments:
-            held = self._held[g]
-            if held.count + (part.stop - part.start) > self.buffer_rows:
-                self.flush([g])
-            held.append(rows[part])
+        """Keep weighted pairs ``[φ, p]`` with their groups until those are refitted."""
+        if self._held.count + m > self.buffer_rows:
+            self.flush()
+        self._held.append(rows, 0 if self.groups == 1 else y[:m])
 
     def flush(self, groups=None):
         """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
-        f = self.n_features
+        f, held = self.n_features, self._held
+        if not held.count:
+            return
         for g in (range(self.groups) if groups is None else groups):
-            if not self._held[g].count:
-                continue
-            rows = self._held[g].take()
-            self.GH[g] += rows[:, :f].T @ rows
+            rows = held.unfolded(g)
+            if len(rows):
+                self.GH[g] += rows[:, :f].T @ rows
+        held.release()
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
@@ -242,24 +241,40 @@ class CostateRegression:
             if info != 0:  # not positive definite (no ridge): least-squares solution
                 theta = np.linalg.lstsq(self.G[g], H[g], rcond=None)[0]
             self.theta[g] = theta
-        self._predictor = {}
+        for predictor in self._predictor.values():
+            predictor.stale.update(groups)
         return self.theta
 
     def _predictor_for(self, dtype, n):
-        """``Θ / n`` cut into state weights, side by side, shape (sw, groups
-        · sw), and per-group offsets (groups, sw) — per class with
-        ``state+label`` — in ``dtype``, and the row numbers ``0..n-1``."""
+        """``Θ / n`` in ``dtype`` for batches of ``n`` (a :class:`_Predictor`),
+        brought up to date for the groups refitted since it was last used:
+        written in place, so a refit of one class rewrites that class's
+        columns only, and no large array is allocated afresh."""
         key = (dtype, n)
-        if key not in self._predictor:
-            sw = self.state_width
-            theta = self.theta / n
-            offsets = theta[:, -1]
-            if self.kind == "state+label":
-                offsets = theta[0, sw:-1] + theta[0, -1]
-            W = theta[:, :sw].transpose(1, 0, 2).reshape(sw, self.groups * sw)
-            self._predictor[key] = (np.ascontiguousarray(W, dtype=dtype),
-                                    np.ascontiguousarray(offsets, dtype=dtype), np.arange(n))
-        return self._predictor[key]
+        predictor = self._predictor.get(key)
+        if predictor is None:
+            offsets = self.n_classes if self.kind == "state+label" else self.groups
+            predictor = self._predictor[key] = _Predictor(self.groups, self.state_width,
+                                                          offsets, dtype, n)
+        if predictor.stale:
+            sw, inv_n, theta = self.state_width, 1.0 / n, self.theta
+            W = predictor.weights.reshape(sw, self.groups, sw)
+            every = len(predictor.stale) == self.groups
+            if every:
+                np.multiply(theta[:, :sw].transpose(1, 0, 2), inv_n, out=W, casting="same_kind")
+            else:
+                for g in predictor.stale:
+                    np.multiply(theta[g, :sw], inv_n, out=W[:, g], casting="same_kind")
+            if self.kind == "state+label":  # one offset per class: its label's weight + constant
+                np.multiply(theta[0, sw:-1] + theta[0, -1], inv_n, out=predictor.offsets,
+                            casting="same_kind")
+            elif every:
+                np.multiply(theta[:, -1], inv_n, out=predictor.offsets, casting="same_kind")
+            else:
+                stale = sorted(predictor.stale)
+                predictor.offsets[stale] = theta[stale, -1] * inv_n
+            predictor.stale.clear()
+        return predictor.weights, predictor.offsets, predictor.rows
 
     def predict(self, x, y=None):
         """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw), in
@@ -292,11 +307,12 @@ class CostateRegression:
         and ``scale · H`` plus the pairs still held (features ``held_phi``,
         co-states ``held_p``, already weighted, and their group)."""
         f = self.n_features
-        held = np.concatenate([h.take(keep=True) for h in self._held])
+        held = [self._held.unfolded(g, mark=False) for g in range(self.groups)]
+        rows = np.concatenate(held)
         return {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
                 "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
-                "held_phi": held[:, :f], "held_p": held[:, f:],
-                "held_group": np.repeat(np.arange(self.groups), [h.count for h in self._held])}
+                "held_phi": rows[:, :f], "held_p": rows[:, f:],
+                "held_group": np.repeat(np.arange(self.groups), [len(h) for h in held])}
 
     def load_state(self, state):
         """Continue from :meth:`state` (``theta`` is refitted if absent)."""
@@ -308,51 +324,94 @@ class CostateRegression:
         self.scale = float(state.get("scale", 1.0))
         self.pairs = int(state["pairs"])
         self._predictor = {}
-        for h in self._held:
-            h.take()
+        self._held.clear()
         if "held_phi" in state:
             group = np.asarray(state["held_group"])
             if state["held_phi"].shape[1:] != (self.n_features,) or np.any(group >= self.groups):
                 raise ValueError("the held regression pairs do not fit this boundary")
-            for g in range(self.groups):
-                rows = group == g
-                self._held[g].append(np.hstack([state["held_phi"][rows], state["held_p"][rows]]))
+            self._held.append(np.hstack([state["held_phi"], state["held_p"]]), group)
         if "theta" in state:
             self.theta = np.array(state["theta"], dtype=float)
         else:
             self.refit()
 
 
+class _Predictor:
+    """``Θ / n`` of every group in a batch's dtype, for batches of ``n``.
+
+    Attributes
+    ----------
+    weights : ndarray, shape (sw, groups · sw)
+        The groups' state weights side by side.
+    offsets : ndarray, shape (n_offsets, sw)
+        Each group's offset (``n_offsets = groups``), or with ``state+label``
+        each class's (``n_offsets = n_classes``: label weight plus constant).
+    rows : ndarray, shape (n,)
+        ``0 .. n−1``, to pick each row's own class from the one-hot product.
+    stale : set of int
+        Groups refitted since these were written.
+    """
+
+    def __init__(self, groups, sw, n_offsets, dtype, n):
+        self.weights = np.empty((sw, groups * sw), dtype=dtype)
+        self.offsets = np.empty((n_offsets, sw), dtype=dtype)
+        self.rows = np.arange(n)
+        self.stale = set(range(groups))
+
+
 class _Held:
-    """Weighted pairs ``[φ, p]`` of one group not yet folded into its normal equations."""
+    """Weighted pairs ``[φ, p]`` not yet folded into their groups' normal
+    equations, in arrival order, with each pair's group; ``folded[g]``: the
+    rows before it are done for group ``g``."""
 
-    def __init__(self, f, sw, rows=64):
+    def __init__(self, groups, f, sw, rows=64):
         self.rows = np.empty((rows, f + sw))
+        self.group = np.empty(rows, dtype=np.intp)
         self.count = 0
+        self.folded = np.zeros(groups, dtype=np.intp)
 
-    def append(self, rows):
+    def append(self, rows, group):
         m = len(rows)
         if self.count + m > len(self.rows):
-            grown = np.empty((max(2 * len(self.rows), self.count + m), self.rows.shape[1]))
+            size = max(2 * len(self.rows), self.count + m)
+            grown = np.empty((size, self.rows.shape[1]))
             grown[:self.count] = self.rows[:self.count]
             self.rows = grown
+            self.group = np.resize(self.group, size)
         self.rows[self.count:self.count + m] = rows
+        self.group[self.count:self.count + m] = group
         self.count += m
 
-    def take(self, keep=False):
-        """The held rows (a view; a copy with ``keep``), emptied unless ``keep``."""
-        m = self.count
-        if keep:
-            return self.rows[:m].copy()
+    def unfolded(self, g, mark=True):
+        """Group ``g``'s rows not folded yet (a copy with several groups, a
+        view with one); ``mark``: now folded."""
+        start = self.folded[g]
+        rows = self.rows[start:self.count]
+        if len(self.folded) > 1:
+            rows = rows[self.group[start:self.count] == g]
+        if mark:
+            self.folded[g] = self.count
+        return rows
+
+    def release(self):
+        """Empty the buffer once no group has rows left to fold."""
+        waiting = self.folded[self.group[:self.count]] <= np.arange(self.count)
+        if not waiting.any():
+            self.clear()
+
+    def clear(self):
         self.count = 0
-        return self.rows[:m]
+        self.folded[:] = 0
 
 
 def prediction_errors(lam_hat, lam):
-    """``(MSE of per-sample co-states, ‖Λ̂ − Λ‖ / ‖Λ̂‖)`` for one batch."""
+    """``(MSE of per-sample co-states, ‖Λ̂ − Λ‖ / ‖Λ̂‖)`` for one batch,
+    computed in the co-states' dtype (a diagnostic: float32 sums of squares
+    are accurate to ~1e-6 here)."""
     n = lam.shape[0]
-    diff = np.subtract(lam_hat, lam, dtype=np.float64)
-    sq = float(np.vdot(diff, diff))
+    diff = np.subtract(lam_hat, lam).ravel()
+    sq = float(np.dot(diff, diff))
     mse = sq * n * n / diff.size
-    norm_hat = float(np.vdot(lam_hat, lam_hat)) ** 0.5
+    flat = lam_hat.ravel()
+    norm_hat = float(np.dot(flat, flat)) ** 0.5
     return mse, (sq ** 0.5 / norm_hat if norm_hat > 0 else np.inf)
