@@ -28,6 +28,16 @@ ends with its spread and names the runs that started in a slow spell, then
 with the share of each run's epochs that took over 1.25× the run's fast
 pace, naming the runs where that is half or more (their median epoch is
 slow too).
+
+With ``--seeds S1 S2 ...`` every method runs once per seed (``train.seed``)
+in each repeat, and the summary adds a table of final accuracies against
+serial's with the same seed (same initial weights, same batches), e.g. the
+MNIST accuracy check of docs/benchmarks.md:
+
+    python run/bench.py --config run/mnist.toml --layers 8 16 --methods serial pit \
+        --seeds 0 1 2 3 4 --repeats 1 --out results/mnist-seeds
+
+The timing table then pools the seeds' runs.
 """
 import argparse
 import os
@@ -62,10 +72,11 @@ def probe(chunks=7, calls=300):
     return statistics.median(times)
 
 
-def run_one(args, name, layers, repeat):
+def run_one(args, name, layers, repeat, seed=None):
     method, extra = METHODS[name]
     ranks = 1 if method == "serial" else args.ranks
-    path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}-r{repeat}.h5")
+    seeded = "" if seed is None else f"-s{seed}"
+    path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}{seeded}-r{repeat}.h5")
     if os.path.exists(path) and not args.force:
         print(f"  {os.path.basename(path)}: kept from an earlier run (--force runs it again)",
               flush=True)
@@ -73,7 +84,7 @@ def run_one(args, name, layers, repeat):
     cmd = [sys.executable, "-m", "pitmpi", "train"] + ([args.config] if args.config else [])
     cmd += ["--quiet", "--out", path, "--set", f"train.method={method}",
             "--set", f"model.layers={layers}"]
-    for s in list(args.set) + extra:
+    for s in list(args.set) + extra + ([] if seed is None else [f"train.seed={seed}"]):
         cmd += ["--set", s]
     if args.scale_lr:
         cmd += ["--set", f"train.lr={args.lr * layers / args.scale_lr:g}"]
@@ -95,7 +106,7 @@ def run_one(args, name, layers, repeat):
     return path
 
 
-def figures(path):
+def figures(path, seed=None):
     run = load(path)
     t = run.timing
     coarse = float(np.max(t["coarse_wall"]))
@@ -103,7 +114,8 @@ def figures(path):
             "epoch_iter": run.median_epoch_ms, "slow": run.slow_epoch_share,
             "probe": float(run.attrs.get("bench_probe_us", np.nan)),
             "file": os.path.basename(path), "val": 100 * float(run.history["val_acc"][-1]),
-            "peak": float(np.max(t["rank_peak_memory"])) / 2**20, "ranks": run.ranks}
+            "peak": float(np.max(t["rank_peak_memory"])) / 2**20, "ranks": run.ranks,
+            "seed": seed}
 
 
 def med(values, fmt="{:.2f}"):
@@ -141,6 +153,35 @@ def summarise(results, layers, methods):
             rows.append(f"| {L} | {name} | {n} | {wall_s} | {it_s} | {su} | {eff} | {ep_s} "
                         f"| {ep_eff} | {val_s} | {peak} |")
     return "\n".join(rows)
+
+
+def accuracy_table(results, layers, methods):
+    """Markdown table of each method's final accuracy per seed and its
+    difference from serial's with the same seed (median over the repeats
+    of that seed; the runs are deterministic, so repeats agree)."""
+    rows = ["| layers | method | val % per seed | val − serial's, same seed: median (min–max) "
+            "| seeds within 0.3 points |", "| ---: | --- | --- | --- | ---: |"]
+    for L in layers:
+        base = _per_seed(results.get((L, "serial"), []))
+        for name in methods:
+            if name == "serial" or not results.get((L, name)):
+                continue
+            val = _per_seed(results[(L, name)])
+            shown = " ".join(f"{s}: {v:.2f}" for s, v in val.items())
+            diffs = [v - base[s] for s, v in val.items() if s in base]
+            if not diffs:
+                rows.append(f"| {L} | {name} | {shown} | - | - |")
+                continue
+            within = sum(abs(d) <= 0.3 + 1e-9 for d in diffs)
+            rows.append(f"| {L} | {name} | {shown} | {med(diffs, '{:+.2f}')[0]} "
+                        f"| {within} of {len(diffs)} |")
+    return "\n".join(rows)
+
+
+def _per_seed(runs):
+    """``{seed: median final accuracy}`` of ``runs`` (figures with a seed)."""
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    return {s: statistics.median(r["val"] for r in runs if r["seed"] == s) for s in seeds}
 
 
 SLOW_PROBE = 1.15  # a run that started with the probe this much above the fastest one is flagged
@@ -188,6 +229,9 @@ def main(argv=None):
                    choices=list(METHODS))
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                   help="run every method once per seed (train.seed) in each repeat and "
+                        "compare final accuracies with serial's of the same seed")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--mpiexec", default=os.environ.get("PITMPI_MPIEXEC", "mpiexec"))
@@ -201,13 +245,18 @@ def main(argv=None):
     results = {}
     # repeats outermost: a slow spell of the machine hits every method alike
     for repeat in range(args.repeats):
-        for L in args.layers:
-            for name in args.methods:
-                results.setdefault((L, name), []).append(figures(run_one(args, name, L, repeat)))
-    text = (summarise(results, args.layers, args.methods) + "\n\n" + probe_line(results)
-            + "\n\n" + slow_epochs_line(results))
+        for seed in args.seeds or [None]:
+            for L in args.layers:
+                for name in args.methods:
+                    path = run_one(args, name, L, repeat, seed)
+                    results.setdefault((L, name), []).append(figures(path, seed))
+    text = summarise(results, args.layers, args.methods)
+    if args.seeds:
+        text += "\n\n" + accuracy_table(results, args.layers, args.methods)
+    text += "\n\n" + probe_line(results) + "\n\n" + slow_epochs_line(results)
     head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
             + (f"lr = {args.lr:g} × L / {args.scale_lr}, " if args.scale_lr else "")
+            + (f"seeds {' '.join(map(str, args.seeds))}, " if args.seeds else "")
             + f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(head + text + "\n")

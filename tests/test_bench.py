@@ -58,3 +58,27 @@ def test_a_file_already_there_is_kept_and_said_so(bench, tmp_path, capsys):
 
 def test_probe_measures_something(bench):
     assert 0.0 < bench.probe(chunks=2, calls=10) < 1e5
+
+
+def test_accuracy_table_compares_each_seed_with_serials_same_seed(bench):
+    def run(val, seed):
+        return dict(fig(1.0, 1.0, 10.0, f"s{seed}.h5"), val=val, seed=seed)
+    results = {(8, "serial"): [run(96.0, 0), run(96.5, 1), run(96.2, 2)],
+               (8, "pit"): [run(95.9, 0), run(96.0, 1), run(96.3, 2), run(96.3, 2)]}
+    table = bench.accuracy_table(results, [8], ["serial", "pit"])
+    row = table.splitlines()[-1].split("|")
+    assert row[3].strip() == "0: 95.90 1: 96.00 2: 96.30"
+    # differences −0.1, −0.5, +0.1 against the same seed (not against serial's median)
+    assert row[4].strip() == "-0.10 (-0.50–+0.10)"
+    assert row[5].strip() == "2 of 3"
+    assert len(table.splitlines()) == 3  # no row for serial itself
+    # a method without serial runs to compare with
+    assert bench.accuracy_table({(8, "pit"): [run(95.9, 0)]}, [8], ["pit"]).endswith("| - | - |")
+
+
+def test_seeded_runs_get_their_own_files_and_seed(bench, tmp_path, capsys):
+    import argparse
+    args = argparse.Namespace(out=str(tmp_path), force=False, ranks=2)
+    kept = tmp_path / "L0008-pit-n2-s3-r0.h5"
+    kept.write_bytes(b"")
+    assert bench.run_one(args, "pit", 8, 0, seed=3) == str(kept)
