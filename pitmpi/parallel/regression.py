@@ -59,7 +59,7 @@ class CostateRegression:
         draws, so these are a random subset; 0: all).
     buffer_rows : int
         Held pairs are folded into their groups' ``G`` and ``H`` when those
-        are refitted, or all at once when this many are held.
+        are refitted, or all at once when this many wait.
     one_hot : bool or None
         ``per-class`` only: predict and add all classes at once through
         one-hot-masked products (pairs enter ``G`` and ``H`` at once, none
@@ -189,10 +189,17 @@ class CostateRegression:
             self.refit(None if refit is True else refit)
 
     def _hold(self, rows, y, m):
-        """Keep weighted pairs ``[φ, p]`` with their groups until those are refitted."""
-        if self._held.count + m > self.buffer_rows:
-            self.flush()
-        self._held.append(rows, 0 if self.groups == 1 else y[:m])
+        """Keep weighted pairs ``[φ, p]`` with their groups until those are
+        refitted.  A full buffer first drops the rows already folded; only
+        if the pairs still waiting fill it are they all folded at once: so
+        that happens at the same arrivals after a restore from
+        :meth:`state` (which keeps the waiting pairs only) as without one."""
+        held = self._held
+        if held.count + m > self.buffer_rows:
+            held.compact()
+            if held.count + m > self.buffer_rows:
+                self.flush()
+        held.append(rows, 0 if self.groups == 1 else y[:m])
 
     def flush(self, groups=None):
         """Fold the held pairs of ``groups`` (default: all) into ``G`` and ``H``."""
@@ -393,11 +400,23 @@ class _Held:
             self.folded[g] = self.count
         return rows
 
+    def _waiting(self):
+        """Mask of the rows not yet folded into their own group, shape (count,)."""
+        return self.folded[self.group[:self.count]] <= np.arange(self.count)
+
     def release(self):
         """Empty the buffer once no group has rows left to fold."""
-        waiting = self.folded[self.group[:self.count]] <= np.arange(self.count)
-        if not waiting.any():
+        if not self._waiting().any():
             self.clear()
+
+    def compact(self):
+        """Drop the rows already folded, keeping the others in their order."""
+        waiting = self._waiting()
+        k = int(np.count_nonzero(waiting))
+        self.rows[:k] = self.rows[:self.count][waiting]
+        self.group[:k] = self.group[:self.count][waiting]
+        self.count = k
+        self.folded[:] = 0
 
     def clear(self):
         self.count = 0
