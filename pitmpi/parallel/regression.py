@@ -37,12 +37,13 @@ class CostateRegression:
     ``c (sw + 1)``).
 
     New pairs wait in one buffer, with their groups, and enter a group's
-    ``G`` and ``H`` in one product when that group is refitted (or the
-    buffer is full): ``Θ`` depends on them only through a refit, so the
-    result is the same as adding them one batch at a time (up to the order
-    of the sums), at a fraction of the cost of many thin products.  Each
-    group remembers how far into the buffer it has folded; the buffer
-    empties once every group is past its end.
+    ``G`` and ``H`` in one product when that group is refitted (or when the
+    waiting pairs fill the buffer): ``Θ`` depends on them only through a
+    refit, so the result is the same as adding them one batch at a time (up
+    to the order of the sums), at a fraction of the cost of many thin
+    products.  Each group remembers how far into the buffer it has folded;
+    the buffer empties once every group is past its end, and a full one
+    first drops the rows already folded.
 
     Parameters
     ----------
