@@ -301,11 +301,9 @@ class CostateRegression:
             xs = x[order]
             sorted_lam = np.empty((n, sw), dtype=x.dtype)
             for g, part in segments:
-                out = sorted_lam[part]
-                np.matmul(xs[part], W[:, g * sw:(g + 1) * sw], out=out)
-                out += offsets[g]
-            lam = np.empty_like(sorted_lam)
-            lam[order] = sorted_lam
+                np.matmul(xs[part], W[:, g * sw:(g + 1) * sw], out=sorted_lam[part])
+            lam = offsets[np.asarray(y)]
+            lam[order] += sorted_lam
         return lam
 
     def state(self):
