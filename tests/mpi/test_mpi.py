@@ -96,7 +96,10 @@ def test_failing_rank_ends_job(tmp_path_factory):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("method", ["data-parallel", "model-parallel", "pit",
-                                    "pit --set regression.delay=2"])
+                                    "pit --set regression.delay=2",
+                                    # pairs held across the checkpoint, refitted later
+                                    "pit --set regression.features=state+label "
+                                    "--set regression.refit_every=5"])
 def test_resume_is_bitwise_identical_under_mpi(method):
     from pitmpi.cli import main
     from ..test_checkpoint import assert_same_run
