@@ -123,6 +123,9 @@ SCHEMA = {
                           minimum=0.0, maximum=1.0, strict_min=True),
         "pairs_per_batch": Key("int", 0, "add only the first k (state, co-state) pairs of each "
                                          "batch to the regression (0: all)", minimum=0),
+        "rank": Key("int", 0, "predict the co-states within a subspace of this many "
+                              "dimensions that follows their span (0: the full state "
+                              "width); at most the boundary state's width", minimum=0),
         "delay": Key("int", 0, "iterations by which a co-state may join the regression late: "
                                "0 is the paper's schedule (blocking Sendrecv); d > 0 exchanges "
                                "without blocking and lets each rank run up to d iterations "

@@ -64,7 +64,8 @@ def test_pit_differs_from_serial_but_has_all_parameters(serial_ref):
 @pytest.mark.parametrize("overrides", [[], ["coarse.levels=1"], ["coarse.warmup=wait"],
                                         ["coarse.parallel=data-parallel"],
                                         ["regression.features=state", "model.scheme=euler"],
-                                        ["regression.delay=2"]])
+                                        ["regression.delay=2"],
+                                        ["regression.rank=3", "coarse.parallel=data-parallel"]])
 def test_pit_is_deterministic(overrides):
     a = train(3, ["train.method=pit", "model.layers=12"] + overrides)
     b = train(3, ["train.method=pit", "model.layers=12"] + overrides)
@@ -268,6 +269,87 @@ def test_the_cached_predictor_follows_every_refit(features):
             fresh.load_state(reg.state())
             np.testing.assert_array_equal(cached, fresh.predict(xt.astype(dtype), yt))
     assert reg.pairs == 9 * 16
+
+
+def _costates_in_a_subspace(rng, basis, batches, n=24, sw=8, classes=3):
+    """Batches ``(x, y, Λ)`` whose per-sample co-states ``n Λ`` are an affine
+    map of ``x`` per class, lying in the span of ``basis`` (sw, k)."""
+    maps = rng.standard_normal((classes, sw + 1, basis.shape[1]))
+    out = []
+    for _ in range(batches):
+        x, y = rng.standard_normal((n, sw)), rng.integers(0, classes, n)
+        p = np.einsum("nf,nfk->nk", np.hstack([x, np.ones((n, 1))]), maps[y]) @ basis.T
+        out.append((x, y, p / n))
+    return out
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_low_rank_regression_predicts_what_the_full_one_does_in_the_costates_span(one_hot):
+    """With co-states in a k-dimensional subspace, ``rank = k`` finds that
+    subspace and predicts what the full-width regression predicts."""
+    rng = np.random.default_rng(8)
+    span = np.linalg.qr(rng.standard_normal((8, 3)))[0]
+    full = CostateRegression(8, 3, features="per-class", forgetting=0.95, one_hot=one_hot)
+    low = CostateRegression(8, 3, features="per-class", forgetting=0.95, one_hot=one_hot, rank=3)
+    for i, (x, y, lam) in enumerate(_costates_in_a_subspace(rng, span, 12)):
+        for reg in (full, low):
+            reg.add(x, y, lam, refit=reg.due(i + 1, 3))
+    assert low.H.shape == (3, 9, 3) and low.theta.shape == (3, 9, 3)
+    np.testing.assert_allclose(low.basis @ (low.basis.T @ span), span, atol=1e-9)
+    xt, yt = rng.standard_normal((10, 8)), rng.integers(0, 3, 10)
+    for dtype in (np.float64, np.float32):
+        got = low.predict(xt.astype(dtype), yt)
+        assert got.dtype == dtype and got.shape == (10, 8)
+        np.testing.assert_allclose(got, full.predict(xt.astype(dtype), yt), rtol=1e-4, atol=1e-5)
+    # a rank as wide as the state is the full regression
+    assert CostateRegression(8, 3, rank=8).rank == 0
+    with pytest.raises(ValueError, match="regression.rank = 9"):
+        CostateRegression(8, 3, rank=9)
+
+
+def test_the_low_rank_basis_follows_the_costates_to_a_new_subspace():
+    """Subspace iteration at each refit of group 0 turns ``B`` to where the
+    co-states have moved; ``H`` and ``Θ`` follow it into the new coordinates."""
+    rng = np.random.default_rng(9)
+    first, second = (np.linalg.qr(rng.standard_normal((8, 2)))[0] for _ in range(2))
+    reg = CostateRegression(8, 3, features="per-class", forgetting=0.5, rank=2, one_hot=False)
+    batches = _costates_in_a_subspace(rng, first, 6) + _costates_in_a_subspace(rng, second, 30)
+    for i, (x, y, lam) in enumerate(batches):
+        reg.add(x, y, lam, refit=reg.due(i + 1, 3))
+    np.testing.assert_allclose(reg.basis @ (reg.basis.T @ second), second, atol=1e-6)
+    # the last batches are predicted as well as the data allow (old pairs forgotten)
+    x, y, lam = batches[-1]
+    fresh = CostateRegression(8, 3, features="per-class", forgetting=0.5, one_hot=False)
+    for i, (xb, yb, lb) in enumerate(batches):
+        fresh.add(xb, yb, lb, refit=fresh.due(i + 1, 3))
+    np.testing.assert_allclose(reg.predict(x, y), fresh.predict(x, y), rtol=1e-3, atol=1e-6)
+
+
+def test_a_low_rank_regression_continues_bit_for_bit_from_its_state():
+    rng = np.random.default_rng(10)
+    span = np.linalg.qr(rng.standard_normal((8, 3)))[0]
+    batches = _costates_in_a_subspace(rng, span, 30)
+    kw = dict(features="per-class", forgetting=0.9, buffer_rows=100, one_hot=False, rank=3)
+    a, b = CostateRegression(8, 3, **kw), None
+    for i, (x, y, lam) in enumerate(batches):
+        lam = lam + 1e-3 * rng.standard_normal(lam.shape)  # a little outside the span
+        if i == 11:
+            state = a.state()
+            assert {"basis", "basis_Y", "basis_Y_rows"} <= set(state) and len(state["held_phi"])
+            b = CostateRegression(8, 3, **kw)
+            b.load_state(state)
+            again = b.state()
+            for key in state:
+                np.testing.assert_array_equal(again[key], state[key])
+        for reg in (a, b) if b is not None else (a,):
+            reg.add(x, y, lam, refit=reg.due(i + 1, 4))
+    np.testing.assert_array_equal(b.basis, a.basis)
+    np.testing.assert_array_equal(b.GH, a.GH)
+    xt, yt = rng.standard_normal((10, 8)), rng.integers(0, 3, 10)
+    np.testing.assert_array_equal(b.predict(xt, yt), a.predict(xt, yt))
+    # another rank's state does not fit: say so
+    with pytest.raises(ValueError, match="rank"):
+        CostateRegression(8, 3, features="per-class", rank=2).load_state(a.state())
 
 
 def test_staggered_refits_visit_every_group_once_per_period():

@@ -99,8 +99,8 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     full = cnet.init_params(tr["seed"])
     local = [blk.local_params(full) for blk in blocks]
     opts = [blk.optimizer(p, tr["momentum"]) for blk, p in zip(blocks, local)]
-    regs = [CostateRegression(net.state_width, net.n_classes, rg["features"], rg["ridge"],
-                              rg["forgetting"], rg["pairs_per_batch"]) for _ in blocks[1:]]
+    regs = [CostateRegression.from_config(net.state_width, net.n_classes, rg)
+            for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch
     lr = co["lr"] or tr["lr"]
     rows = share(batches.batch_size, comm.size, comm.rank)

@@ -83,7 +83,11 @@ def regression_cost(net, cfg, batch_size):
     per group refit and 6 for the error history; with the one-hot products
     (:func:`~pitmpi.parallel.regression.one_hot_cheaper`: ``g`` times the
     arithmetic of prediction and update) 14, then 5 per refit plus 3 per
-    group refitted, and 4."""
+    group refitted, and 4.  With ``regression.rank = k`` the co-states live
+    in ``k`` coordinates: pair update ``m (f²/2 + f k + 2 sw k)`` (``ΦᵀΦ``
+    by ``syrk``, the projection and the basis' subspace iteration), refits
+    ``f³/3 + f² k``, prediction ``n k (f + sw)`` and 2 more calls, 6 more
+    per refit."""
     rg = cfg["regression"]
     sw, c = net.state_width, net.n_classes
     f = sw + 1 + (c if rg["features"] == "state+label" else 0)
@@ -92,15 +96,23 @@ def regression_cost(net, cfg, batch_size):
     m = min(rg["pairs_per_batch"] or n, n)
     refits = groups / rg["refit_every"]
     rate = MATMUL_RATE.get(net.dtype_name, 2.0e4)
-    one_hot = one_hot_cheaper(groups, n, f, sw)
+    k = rg["rank"] if 0 < rg["rank"] < sw else 0
+    one_hot = one_hot_cheaper(groups, n, f, k or sw)
     copies = groups if one_hot else 1  # every class's map on every row
-    arrival_us = (copies * m * (f * f + f * sw)
-                  + refits * (f ** 3 / 3 + f * f * sw)) / MATMUL_RATE["float64"]
-    predict_us = copies * n * f * sw / rate
+    if k:
+        update = m * (f * f / 2 + f * k + 2 * sw * k)
+        refit = f ** 3 / 3 + f * f * k
+        predict = n * k * (copies * f + sw)
+    else:
+        update, refit, predict = m * (f * f + f * sw), f ** 3 / 3 + f * f * sw, n * f * sw
+    arrival_us = (copies * update + refits * refit) / MATMUL_RATE["float64"]
+    predict_us = copies * predict / rate if not k else predict / rate
     if one_hot:
         calls = 14 + 5 * min(refits, 1) + 3 * refits + 4
     else:
         calls = (5 + 3 * (groups if groups > 1 else 0)) + 10 + 14 * refits + 6
+    if k:
+        calls += 2 + 6 * refits
     return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 

@@ -29,6 +29,7 @@ from collections import deque
 
 import numpy as np
 
+from ..errors import ConfigError
 from .blocks import BlockTrainer
 from .coarse import coarse_phase
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
@@ -59,10 +60,12 @@ class PitTrainer(BlockTrainer):
         self.zeros = np.zeros((bs, sw), dtype=dt)
         self.sent = None  # (x_out, y, Λ̂) of the previous iteration
         rg = cfg["regression"]
+        if rg["rank"] > sw:
+            raise ConfigError(f"regression.rank = {rg['rank']} is not allowed: at most the "
+                              f"boundary state's width, {sw} here (0: full width)")
         self.reg = None
         if self.next is not None:
-            self.reg = CostateRegression(sw, self.net.n_classes, rg["features"], rg["ridge"],
-                                         rg["forgetting"], rg["pairs_per_batch"])
+            self.reg = CostateRegression.from_config(sw, self.net.n_classes, rg)
         n_iter = self.epochs * self.batches.per_epoch
         self.mse = np.full(n_iter, np.nan)
         self.rel = np.full(n_iter, np.nan)

@@ -8,8 +8,21 @@ normal equations ``G = Σ φφᵀ``, ``H = Σ φ pᵀ`` are kept with exponentia
 forgetting ``G ← γG + ΦᵀΦ``, so an update costs ``O(m f²)`` for ``m`` pairs and
 a refit ``O(f³ + f² sw)`` per group (Cholesky).  A batch's co-state is
 predicted as ``Λ̂ = φ(X) Θ / n``, in the network's dtype.
+
+With ``rank = k > 0`` the co-states are kept and predicted in the
+coordinates of a ``k``-dimensional subspace, ``p ≈ φ(x) Θ Bᵀ`` with ``B``
+(sw, k) orthonormal and ``H = Σ φ (p B)ᵀ``: a sample's co-state at a
+boundary is the loss gradient, whose ``c`` class directions the layers to
+the right map back, so the co-states lie close to a subspace of about ``c``
+dimensions (MNIST: 99.9 % of their energy in 10 of 128).  That makes the
+pair update ``O(m f (f + k))`` and the prediction ``O(n k (f + sw))``.  ``B``
+starts as the leading eigenvectors of the first co-states folded in and
+follows their span by subspace iteration: the folded pairs accumulate
+``Y = Σ p pᵀ B``, and when the first group is refitted ``B ← qr(Y)``, with
+``H`` and ``Θ`` carried into the new coordinates (``B_oldᵀ B_new``).
 """
 import numpy as np
+import scipy.linalg.blas
 import scipy.linalg.lapack
 
 
@@ -17,15 +30,16 @@ FEATURES = ("state", "state+label", "per-class")
 
 # With few classes and small states, ``per-class`` handles all classes in one
 # product over one-hot-masked rows instead of one call per class: worth it
-# while the extra arithmetic, (groups − 1) · rows · f (f + sw) multiply-adds,
+# while the extra arithmetic, (groups − 1) · rows · f (f + k) multiply-adds,
 # stays under what a class's own calls cost (about 5 µs, 1e5 multiply-adds).
 ONE_HOT_LIMIT = 1e5
 
 
-def one_hot_cheaper(groups, rows, f, sw):
-    """Whether ``rows`` samples of ``groups`` classes (``f`` features, state
-    width ``sw``) are cheaper in one-hot products than class by class."""
-    return groups > 1 and (groups - 1) * rows * f * (f + sw) <= ONE_HOT_LIMIT * groups
+def one_hot_cheaper(groups, rows, f, k):
+    """Whether ``rows`` samples of ``groups`` classes (``f`` features, ``k``
+    co-state coordinates: the state width, or ``regression.rank``) are
+    cheaper in one-hot products than class by class."""
+    return groups > 1 and (groups - 1) * rows * f * (f + k) <= ONE_HOT_LIMIT * groups
 
 
 class CostateRegression:
@@ -36,14 +50,12 @@ class CostateRegression:
     (``c`` Cholesky factorisations of size ``sw + 1`` instead of one of size
     ``c (sw + 1)``).
 
-    New pairs wait in one buffer, with their groups, and enter a group's
-    ``G`` and ``H`` in one product when that group is refitted (or when the
-    waiting pairs fill the buffer): ``Θ`` depends on them only through a
-    refit, so the result is the same as adding them one batch at a time (up
-    to the order of the sums), at a fraction of the cost of many thin
-    products.  Each group remembers how far into the buffer it has folded;
-    the buffer empties once every group is past its end, and a full one
-    first drops the rows already folded.
+    New pairs wait in a buffer of their group and enter the group's ``G``
+    and ``H`` in one product when that group is refitted (or when
+    ``buffer_rows`` pairs wait, all groups together): ``Θ`` depends on them
+    only through a refit, so the result is the same as adding them one
+    batch at a time (up to the order of the sums), at a fraction of the
+    cost of many thin products.
 
     Parameters
     ----------
@@ -60,44 +72,117 @@ class CostateRegression:
         draws, so these are a random subset; 0: all).
     buffer_rows : int
         Held pairs are folded into their groups' ``G`` and ``H`` when those
-        are refitted, or all at once when this many wait.
+        are refitted, or all at once when more than this many would wait.
     one_hot : bool or None
         ``per-class`` only: predict and add all classes at once through
         one-hot-masked products (pairs enter ``G`` and ``H`` at once, none
         are held) instead of class by class.  None: when that is cheaper
         (:data:`ONE_HOT_LIMIT`; the Swiss roll's 2 classes, not MNIST's 10).
+    rank : int
+        ``k``: keep and predict the co-states in the coordinates of a
+        ``k``-dimensional subspace that follows their span (module
+        docstring); 0 or ``state_width``: the full width.
 
     Attributes
     ----------
-    GH : ndarray, shape (groups, f, f + sw)
+    GH : ndarray, shape (groups, f, f + k)
         ``[G | H]``, the normal equations side by side (:attr:`G` and
-        :attr:`H` are views of it).
-    theta : ndarray, shape (groups, f, sw)
+        :attr:`H` are views of it); ``k`` is ``rank``, or ``sw`` at full rank.
+    theta : ndarray, shape (groups, f, k)
         ``groups`` is ``n_classes`` for ``per-class`` and 1 otherwise.
+    basis : ndarray, shape (sw, k), or None
+        ``B`` with a rank, once pairs have set it.
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
-                 pairs_per_batch=0, buffer_rows=4096, one_hot=None):
+                 pairs_per_batch=0, buffer_rows=4096, one_hot=None, rank=0):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
+        self.rank = int(rank)
+        if not 0 <= self.rank <= self.state_width:
+            raise ValueError(f"regression.rank = {rank} is not allowed here: it must lie in "
+                             f"[0, {self.state_width}], the boundary state's width (0: full)")
+        if self.rank == self.state_width:
+            self.rank = 0  # the whole space: the same prediction without the detour
+        self.basis = None  # B, shape (sw, rank), set by the first pairs folded in
         self.kind = features
         self.use_labels = features != "state"
         self.ridge, self.forgetting = float(ridge), float(forgetting)
         self.pairs_per_batch = int(pairs_per_batch)
         self.groups = self.n_classes if features == "per-class" else 1
-        f, sw = self.n_features, self.state_width
-        self.GH = np.zeros((self.groups, f, f + sw))  # [G | H] side by side: one product updates both
-        self.theta = np.zeros((self.groups, f, sw))
+        f, k = self.n_features, self.out_width
+        self.GH = np.zeros((self.groups, f, f + k))  # [G | H] side by side: one product updates both
+        self.theta = np.zeros((self.groups, f, k))
+        self._Y = np.zeros((self.state_width, k)) if self.rank else None  # Σ p pᵀ B since B was set
+        self._Y_rows = 0
         self._A = np.zeros((self.groups, f, f))  # refit workspace
         self._A_diagonal = self._A.reshape(self.groups, -1)[:, ::f + 1]
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
-        self._held = _Held(self.groups, f, sw)
+        self._held = _Held(self.groups, f + self.state_width)
         self._predictor = {}  # (dtype, n) -> _Predictor: theta / n in the batch's dtype
         self.one_hot = one_hot
         self._class_ids = np.arange(self.groups)[:, None]
+
+    @classmethod
+    def from_config(cls, state_width, n_classes, rg):
+        """The regression a ``[regression]`` config table describes."""
+        return cls(state_width, n_classes, rg["features"], rg["ridge"], rg["forgetting"],
+                   rg["pairs_per_batch"], rank=rg["rank"])
+
+    @property
+    def out_width(self):
+        """Columns of ``H`` and ``Θ``: ``rank``, or ``sw`` at full rank."""
+        return self.rank or self.state_width
+
+    def _project(self, rows):
+        """``p B`` (m, k) for pairs ``[φ, p]`` (m, f + sw), adding ``pᵀ (p B)``
+        to ``Y``.  The first pairs set ``B``."""
+        p = rows[:, self.n_features:]
+        if self.basis is None:
+            self._set_basis(p)
+        pB = p @ self.basis
+        self._Y += p.T @ pB
+        self._Y_rows += len(rows)
+        return pB
+
+    def _fold(self, g, rows):
+        """Add weighted pairs ``[φ, p]`` (m, f + sw) of group ``g`` to ``G_g`` and ``H_g``."""
+        f = self.n_features
+        if not self.rank:
+            self.GH[g] += rows[:, :f].T @ rows
+            return
+        pB = self._project(rows)
+        phi = np.asfortranarray(rows[:, :f])
+        upper = scipy.linalg.blas.dsyrk(1.0, phi, trans=1)  # ΦᵀΦ at half the cost, one triangle
+        upper += np.triu(upper, 1).T
+        self.GH[g, :, :f] += upper
+        self.GH[g, :, f:] += phi.T @ pB
+
+    def _set_basis(self, p):
+        """``B``: the leading eigenvectors of ``pᵀ p`` for co-states ``p`` (m, sw)."""
+        _, vectors = np.linalg.eigh(p.T @ p)
+        self.basis = np.ascontiguousarray(vectors[:, ::-1][:, :self.rank])
+
+    def _follow_subspace(self):
+        """One step of subspace iteration, ``B ← qr(Y)``, once ``Y`` holds at
+        least ``sw`` pairs; ``H`` and ``Θ`` follow into the new coordinates."""
+        if self._Y_rows < self.state_width or not self._Y.any():
+            return False
+        basis = np.linalg.qr(self._Y)[0]
+        self._rotate(self.basis.T @ basis)
+        self.basis = basis
+        self._Y[...] = 0.0
+        self._Y_rows = 0
+        return True
+
+    def _rotate(self, R):
+        """Carry ``H`` and ``Θ`` into new coordinates: ``H ← H R``, ``Θ ← Θ R``."""
+        f = self.n_features
+        self.GH[:, :, f:] = self.GH[:, :, f:] @ R
+        self.theta = self.theta @ R
 
     def _use_one_hot(self, rows):
         """Whether ``rows`` samples go through the one-hot products."""
@@ -105,7 +190,7 @@ class CostateRegression:
             return False
         if self.one_hot is not None:
             return bool(self.one_hot)
-        return one_hot_cheaper(self.groups, rows, self.n_features, self.state_width)
+        return one_hot_cheaper(self.groups, rows, self.n_features, self.out_width)
 
     @property
     def n_features(self):
@@ -146,9 +231,9 @@ class CostateRegression:
             return None, [(0, slice(0, n))]
         order = np.argsort(y, kind="stable")
         counts = np.bincount(y, minlength=self.groups)
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        return order, [(g, slice(a, b)) for g, (a, b) in enumerate(zip(starts, ends)) if b > a]
+        ends = np.cumsum(counts).tolist()
+        return order, [(g, slice(end - count, end))
+                       for g, (count, end) in enumerate(zip(counts.tolist(), ends)) if count]
 
     def due(self, arrival, every):
         """Groups to refit at the ``arrival``-th batch of pairs (1, 2, ...) when
@@ -176,12 +261,16 @@ class CostateRegression:
         if self.scale < 1e-100:
             self.flush()
             self.GH *= self.scale
+            if self.rank:
+                self._Y *= self.scale
             self.scale = 1.0
         rows = self._rows(x, y, lam, n)  # [φ, p]
         rows *= (1.0 / self.scale) ** 0.5
         self.pairs += m
         if self._use_one_hot(m):
             # column i of class g: masked[g] keeps it, the other classes see zeros
+            if self.rank:
+                rows = np.hstack([rows[:, :self.n_features], self._project(rows)])
             masked = (np.asarray(y) == self._class_ids)[:, None, :] * rows[:, :self.n_features].T
             self.GH += masked @ rows
         else:
@@ -191,15 +280,12 @@ class CostateRegression:
 
     def _hold(self, rows, y, m):
         """Keep weighted pairs ``[φ, p]`` with their groups until those are
-        refitted.  A full buffer first drops the rows already folded; only
-        if the pairs still waiting fill it are they all folded at once: so
-        that happens at the same arrivals after a restore from
-        :meth:`state` (which keeps the waiting pairs only) as without one."""
+        refitted; when the pairs held would exceed ``buffer_rows``, fold
+        them all first (which depends on the held pairs alone, so it
+        happens at the same arrivals after a restore from :meth:`state`)."""
         held = self._held
         if held.count + m > self.buffer_rows:
-            held.compact()
-            if held.count + m > self.buffer_rows:
-                self.flush()
+            self.flush()
         held.append(rows, 0 if self.groups == 1 else y[:m])
 
     def flush(self, groups=None):
@@ -207,17 +293,29 @@ class CostateRegression:
         f, held = self.n_features, self._held
         if not held.count:
             return
+        if self.rank and self.basis is None:  # from every group's pairs, not the first's
+            self._set_basis(np.concatenate([held.waiting(g)[:, f:] for g in range(self.groups)]))
         for g in (range(self.groups) if groups is None else groups):
-            rows = held.unfolded(g)
-            if len(rows):
-                self.GH[g] += rows[:, :f].T @ rows
-        held.release()
+            if held.counts[g]:
+                self._fold(g, held.take(g))
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
         rank has added the same number of batches, so the same ``scale``), then refit."""
         self.flush()
         if comm.size > 1:
+            have = comm.allgather(self.basis is not None) if self.rank else ()
+            if any(have):  # every rank's H and Y in rank 0's coordinates
+                if not all(have):
+                    raise ValueError("regression.rank: a rank without pairs cannot join "
+                                     "the others' coordinates")
+                basis = comm.bcast(self.basis)
+                R = self.basis.T @ basis
+                self._rotate(R)
+                self._Y = self._Y @ R
+                self.basis = basis
+                comm.allreduce_sum(self._Y)
+                self._Y_rows = int(sum(comm.allgather(self._Y_rows)))
             comm.allreduce_sum(self.GH)
             self.pairs = int(sum(comm.allgather(self.pairs)))
         self.refit()
@@ -249,6 +347,8 @@ class CostateRegression:
             if info != 0:  # not positive definite (no ridge): least-squares solution
                 theta = np.linalg.lstsq(self.G[g], H[g], rcond=None)[0]
             self.theta[g] = theta
+        if self.rank and 0 in groups and self._follow_subspace():
+            groups = range(self.groups)  # every group's weights are in the new coordinates
         for predictor in self._predictor.values():
             predictor.stale.update(groups)
         return self.theta
@@ -263,11 +363,16 @@ class CostateRegression:
         if predictor is None:
             offsets = self.n_classes if self.kind == "state+label" else self.groups
             predictor = self._predictor[key] = _Predictor(self.groups, self.state_width,
-                                                          offsets, dtype, n)
+                                                          self.out_width, offsets, dtype, n)
         if predictor.stale:
-            sw, inv_n, theta = self.state_width, 1.0 / n, self.theta
-            W = predictor.weights.reshape(sw, self.groups, sw)
+            sw, k, inv_n, theta = self.state_width, self.out_width, 1.0 / n, self.theta
             every = len(predictor.stale) == self.groups
+            if self.rank and every:
+                if self.basis is None:
+                    predictor.basis_t[...] = 0.0  # no pairs yet: Θ = 0 too
+                else:
+                    np.copyto(predictor.basis_t, self.basis.T, casting="same_kind")
+            W = predictor.weights.reshape(sw, self.groups, k)
             if every:
                 np.multiply(theta[:, :sw].transpose(1, 0, 2), inv_n, out=W, casting="same_kind")
             else:
@@ -282,49 +387,70 @@ class CostateRegression:
                 stale = sorted(predictor.stale)
                 predictor.offsets[stale] = theta[stale, -1] * inv_n
             predictor.stale.clear()
-        return predictor.weights, predictor.offsets, predictor.rows
+        return predictor
 
     def predict(self, x, y=None):
-        """Predicted batch co-state ``Λ̂ = φ(x) Θ / n``, shape (n, sw), in
-        ``x``'s dtype (computed in it)."""
-        n, sw = x.shape[0], self.state_width
-        W, offsets, rows = self._predictor_for(x.dtype, n)
+        """Predicted batch co-state ``Λ̂ = φ(x) Θ / n`` (``φ(x) Θ B Bᵀ / n``
+        with ``rank``), shape (n, sw), in ``x``'s dtype (computed in it)."""
+        predictor = self._predictor_for(x.dtype, x.shape[0])
+        lam = self._predict_coordinates(x, y, predictor)
+        if predictor.basis_t is not None:
+            lam = lam @ predictor.basis_t
+        return lam
+
+    def _predict_coordinates(self, x, y, predictor):
+        """``φ(x) Θ / n`` (``φ(x) Θ B / n`` with ``rank``), shape (n, out_width)."""
+        n, k = x.shape[0], self.out_width
+        W, offsets, rows = predictor.weights, predictor.offsets, predictor.rows
         if self.groups == 1:
             lam = x @ W
             lam += offsets[np.asarray(y)] if self.kind == "state+label" else offsets[0]
         elif self._use_one_hot(n):
             y = np.asarray(y)
-            lam = (x @ W).reshape(n, self.groups, sw)[rows, y]  # every class's map, each row's own
+            lam = (x @ W).reshape(n, self.groups, k)[rows, y]  # every class's map, each row's own
             lam += offsets[y]
         else:
+            y = np.asarray(y)
             order, segments = self._segments(y, n)
-            xs = x[order]
-            sorted_lam = np.empty((n, sw), dtype=x.dtype)
+            xs = np.take(x, order, axis=0)  # (take: a fraction of fancy indexing's cost)
+            sorted_lam = np.empty((n, k), dtype=x.dtype)
             for g, part in segments:
-                np.matmul(xs[part], W[:, g * sw:(g + 1) * sw], out=sorted_lam[part])
-            lam = offsets[np.asarray(y)]
-            lam[order] += sorted_lam
+                np.matmul(xs[part], W[:, g * k:(g + 1) * k], out=sorted_lam[part])
+            unsort = np.empty_like(order)
+            unsort[order] = rows
+            lam = np.take(offsets, y, axis=0)
+            lam += np.take(sorted_lam, unsort, axis=0)
         return lam
 
     def state(self):
         """``{"G", "H", "scale", "theta", "pairs", "held_phi", "held_p",
-        "held_group"}``: enough to continue elsewhere bit for bit (seeding
-        the fine run, checkpoints); the normal equations are ``scale · G``
-        and ``scale · H`` plus the pairs still held (features ``held_phi``,
+        "held_group"}``, and with a rank, once pairs have set ``B``,
+        ``"basis"``, ``"basis_Y"`` and ``"basis_Y_rows"`` (``Y`` and the
+        pairs in it): enough to continue elsewhere bit for bit (seeding the fine
+        run, checkpoints); the normal equations are ``scale · G`` and
+        ``scale · H`` plus the pairs still held (features ``held_phi``,
         co-states ``held_p``, already weighted, and their group)."""
         f = self.n_features
-        held = [self._held.unfolded(g, mark=False) for g in range(self.groups)]
+        held = [self._held.waiting(g) for g in range(self.groups)]
         rows = np.concatenate(held)
-        return {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
-                "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
-                "held_phi": rows[:, :f], "held_p": rows[:, f:],
-                "held_group": np.repeat(np.arange(self.groups), [len(h) for h in held])}
+        state = {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
+                 "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
+                 "held_phi": rows[:, :f], "held_p": rows[:, f:],
+                 "held_group": np.repeat(np.arange(self.groups), [len(h) for h in held])}
+        if self.basis is not None:
+            state["basis"] = self.basis.copy()
+            state["basis_Y"] = self._Y.copy()
+            state["basis_Y_rows"] = np.int64(self._Y_rows)
+        return state
 
     def load_state(self, state):
         """Continue from :meth:`state` (``theta`` is refitted if absent)."""
-        if state["G"].shape != self.G.shape or state["H"].shape != self.H.shape:
-            raise ValueError(f"regression state of shape {state['G'].shape} does not fit "
-                             f"this boundary's {self.G.shape}")
+        if (state["G"].shape != self.G.shape or state["H"].shape != self.H.shape
+                or (self.rank and state.get("basis") is not None
+                    and state["basis"].shape != (self.state_width, self.rank))):
+            raise ValueError(f"regression state with normal equations of shapes "
+                             f"{state['G'].shape} and {state['H'].shape} does not fit this "
+                             f"boundary's {self.G.shape} and {self.H.shape} (features, rank)")
         self.G[...] = state["G"]
         self.H[...] = state["H"]
         self.scale = float(state.get("scale", 1.0))
@@ -340,86 +466,106 @@ class CostateRegression:
             self.theta = np.array(state["theta"], dtype=float)
         else:
             self.refit()
+        self.basis = None
+        if self.rank:
+            self._Y[...] = 0.0
+            self._Y_rows = 0
+            if "basis" in state:
+                self.basis = np.array(state["basis"], dtype=float)
+                self._Y[...] = state["basis_Y"]
+                self._Y_rows = int(state["basis_Y_rows"])
 
 
 class _Predictor:
-    """``Θ / n`` of every group in a batch's dtype, for batches of ``n``.
+    """``Θ / n`` (``Θ B / n`` with a rank ``k``) of every group in a batch's
+    dtype, for batches of ``n``; ``k = sw`` at full rank.
 
     Attributes
     ----------
-    weights : ndarray, shape (sw, groups · sw)
+    weights : ndarray, shape (sw, groups · k)
         The groups' state weights side by side.
-    offsets : ndarray, shape (n_offsets, sw)
+    offsets : ndarray, shape (n_offsets, k)
         Each group's offset (``n_offsets = groups``), or with ``state+label``
         each class's (``n_offsets = n_classes``: label weight plus constant).
+    basis_t : ndarray, shape (k, sw), or None
+        ``Bᵀ``, which maps the coordinates back (None at full rank).
     rows : ndarray, shape (n,)
         ``0 .. n−1``, to pick each row's own class from the one-hot product.
     stale : set of int
         Groups refitted since these were written.
     """
 
-    def __init__(self, groups, sw, n_offsets, dtype, n):
-        self.weights = np.empty((sw, groups * sw), dtype=dtype)
-        self.offsets = np.empty((n_offsets, sw), dtype=dtype)
+    def __init__(self, groups, sw, k, n_offsets, dtype, n):
+        self.weights = np.empty((sw, groups * k), dtype=dtype)
+        self.offsets = np.empty((n_offsets, k), dtype=dtype)
+        self.basis_t = np.empty((k, sw), dtype=dtype) if k < sw else None
         self.rows = np.arange(n)
         self.stale = set(range(groups))
 
 
 class _Held:
-    """Weighted pairs ``[φ, p]`` not yet folded into their groups' normal
-    equations, in arrival order, with each pair's group; ``folded[g]``: the
-    rows before it are done for group ``g``."""
+    """Weighted pairs ``[φ, p]`` not yet folded into their group's normal
+    equations: one region per group in a shared array, rows in arrival order.
 
-    def __init__(self, groups, f, sw, rows=64):
-        self.rows = np.empty((rows, f + sw))
-        self.group = np.empty(rows, dtype=np.intp)
-        self.count = 0
-        self.folded = np.zeros(groups, dtype=np.intp)
+    Attributes
+    ----------
+    rows : ndarray, shape (groups, capacity, f + sw)
+        Group ``g``'s pairs are ``rows[g, :counts[g]]``; the capacity grows.
+    counts : ndarray of int, shape (groups,)
+    """
+
+    def __init__(self, groups, width, capacity=64):
+        self.rows = np.empty((groups, capacity, width))
+        self.counts = np.zeros(groups, dtype=np.intp)
+
+    @property
+    def count(self):
+        """Pairs held, all groups together."""
+        return int(self.counts.sum())
 
     def append(self, rows, group):
+        """Hold ``rows`` (m, f + sw) of ``group``: one group (an int) or
+        each row's own (an int array of shape (m,)), in one scatter."""
         m = len(rows)
-        if self.count + m > len(self.rows):
-            size = max(2 * len(self.rows), self.count + m)
-            grown = np.empty((size, self.rows.shape[1]))
-            grown[:self.count] = self.rows[:self.count]
-            self.rows = grown
-            self.group = np.resize(self.group, size)
-        self.rows[self.count:self.count + m] = rows
-        self.group[self.count:self.count + m] = group
-        self.count += m
+        if np.ndim(group) == 0:
+            g = int(group)
+            self._grow(self.counts[g] + m)
+            self.rows[g, self.counts[g]:self.counts[g] + m] = rows
+            self.counts[g] += m
+            return
+        group = np.asarray(group)
+        new = np.bincount(group, minlength=len(self.counts))
+        self._grow(int((self.counts + new).max()))
+        # each row's place: its group's count so far plus its rank among the
+        # batch's rows of that group
+        order = np.argsort(group, kind="stable")
+        place = np.empty(m, dtype=np.intp)
+        place[order] = np.arange(m) - (np.cumsum(new) - new)[group[order]]
+        place += self.counts[group] + group * self.rows.shape[1]
+        self.rows.reshape(-1, self.rows.shape[2])[place] = rows
+        self.counts += new
 
-    def unfolded(self, g, mark=True):
-        """Group ``g``'s rows not folded yet (a copy with several groups, a
-        view with one); ``mark``: now folded."""
-        start = self.folded[g]
-        rows = self.rows[start:self.count]
-        if len(self.folded) > 1:
-            rows = rows[self.group[start:self.count] == g]
-        if mark:
-            self.folded[g] = self.count
+    def _grow(self, rows):
+        """Make room for ``rows`` pairs in every group's region."""
+        capacity = self.rows.shape[1]
+        if rows > capacity:
+            grown = np.empty((len(self.counts), max(2 * capacity, rows), self.rows.shape[2]))
+            grown[:, :capacity] = self.rows
+            self.rows = grown
+
+    def waiting(self, g):
+        """Group ``g``'s held rows (a view)."""
+        return self.rows[g, :self.counts[g]]
+
+    def take(self, g):
+        """Group ``g``'s held rows, now no longer held (a view, valid until
+        the next :meth:`append`)."""
+        rows = self.waiting(g)
+        self.counts[g] = 0
         return rows
 
-    def _waiting(self):
-        """Mask of the rows not yet folded into their own group, shape (count,)."""
-        return self.folded[self.group[:self.count]] <= np.arange(self.count)
-
-    def release(self):
-        """Empty the buffer once no group has rows left to fold."""
-        if not self._waiting().any():
-            self.clear()
-
-    def compact(self):
-        """Drop the rows already folded, keeping the others in their order."""
-        waiting = self._waiting()
-        k = int(np.count_nonzero(waiting))
-        self.rows[:k] = self.rows[:self.count][waiting]
-        self.group[:k] = self.group[:self.count][waiting]
-        self.count = k
-        self.folded[:] = 0
-
     def clear(self):
-        self.count = 0
-        self.folded[:] = 0
+        self.counts[:] = 0
 
 
 def prediction_errors(lam_hat, lam):

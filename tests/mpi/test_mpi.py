@@ -99,7 +99,10 @@ def test_failing_rank_ends_job(tmp_path_factory):
                                     "pit --set regression.delay=2",
                                     # pairs held across the checkpoint, refitted later
                                     "pit --set regression.features=state+label "
-                                    "--set regression.refit_every=5"])
+                                    "--set regression.refit_every=5",
+                                    # and a low-rank regression's basis with them
+                                    "pit --set regression.features=state "
+                                    "--set regression.rank=3 --set regression.refit_every=5"])
 def test_resume_is_bitwise_identical_under_mpi(method):
     from pitmpi.cli import main
     from ..test_checkpoint import assert_same_run
