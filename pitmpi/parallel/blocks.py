@@ -76,7 +76,7 @@ class BlockTrainer(Trainer):
         return self.y_train[self.batches.indices(g)]
 
     def features(self, g):
-        return self.x_train[self.batches.indices(g)]
+        return np.take(self.x_train, self.batches.indices(g), axis=0)
 
     def finish_step(self, grads, k, epoch, loss):
         """Add weight decay, update this block; return its loss part."""

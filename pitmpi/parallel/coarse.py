@@ -110,7 +110,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
         idx = batches.indices(g)
         n = len(idx)
         idx = idx[rows]
-        X, y = x_train[idx], y_train[idx]
+        X, y = np.take(x_train, idx, axis=0), y_train[idx]
         ctxs, inp = [], X
         for blk, p in zip(blocks, local):
             ctxs.append(blk.forward(p, inp))

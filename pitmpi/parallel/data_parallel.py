@@ -37,8 +37,8 @@ class DataParallelTrainer(Trainer):
         idx = self.batches.indices(k)
         n = len(idx)
         idx = idx[self.rows]
-        grads, loss, correct = full_step(self.block, self.params, self.x_train[idx],
-                                         self.y_train[idx], n_norm=n)
+        X = np.take(self.x_train, idx, axis=0)
+        grads, loss, correct = full_step(self.block, self.params, X, self.y_train[idx], n_norm=n)
         grads = self.opt.collect(grads)
         if self.comm.size > 1:
             self.comm.allreduce_sum(self.opt.grad_flat)
