@@ -50,6 +50,9 @@ CASES = {
     "forgetting zero": (["--set", "regression.forgetting=0"], "regression.forgetting = 0 is not allowed; expected a number > 0.0"),
     "unknown features": (["--set", "regression.features=poly"], "regression.features = 'poly' is not allowed"),
     "negative delay": (["--set", "regression.delay=-1"], "regression.delay = -1 is not allowed; expected an integer >= 0"),
+    "rank above the state width": (["--set", "regression.rank=33"],
+                                   "regression.rank = 33 is not allowed: at most the boundary "
+                                   "state's width, 32 here"),
     "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
     "override without =": (["--set", "justtext"], "expected section.key=value"),
     "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),
