@@ -50,12 +50,14 @@ class CostateRegression:
     (``c`` Cholesky factorisations of size ``sw + 1`` instead of one of size
     ``c (sw + 1)``).
 
-    New pairs wait in a buffer of their group and enter the group's ``G``
-    and ``H`` in one product when that group is refitted (or when
-    ``buffer_rows`` pairs wait, all groups together): ``Θ`` depends on them
-    only through a refit, so the result is the same as adding them one
-    batch at a time (up to the order of the sums), at a fraction of the
-    cost of many thin products.
+    New pairs wait in one buffer, with their groups, and enter a group's
+    ``G`` and ``H`` in one product when that group is refitted (or when the
+    waiting pairs fill the buffer): ``Θ`` depends on them only through a
+    refit, so the result is the same as adding them one batch at a time (up
+    to the order of the sums), at a fraction of the cost of many thin
+    products.  Each group remembers how far into the buffer it has folded;
+    the buffer empties once every group is past its end, and a full one
+    first drops the rows already folded.
 
     Parameters
     ----------
@@ -72,7 +74,7 @@ class CostateRegression:
         draws, so these are a random subset; 0: all).
     buffer_rows : int
         Held pairs are folded into their groups' ``G`` and ``H`` when those
-        are refitted, or all at once when more than this many would wait.
+        are refitted, or all at once when this many wait.
     one_hot : bool or None
         ``per-class`` only: predict and add all classes at once through
         one-hot-masked products (pairs enter ``G`` and ``H`` at once, none
@@ -121,7 +123,7 @@ class CostateRegression:
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
-        self._held = _Held(self.groups, f + self.state_width)
+        self._held = _Held(self.groups, f, self.state_width)
         self._predictor = {}  # (dtype, n) -> _Predictor: theta / n in the batch's dtype
         self.one_hot = one_hot
         self._class_ids = np.arange(self.groups)[:, None]
@@ -280,12 +282,15 @@ class CostateRegression:
 
     def _hold(self, rows, y, m):
         """Keep weighted pairs ``[φ, p]`` with their groups until those are
-        refitted; when the pairs held would exceed ``buffer_rows``, fold
-        them all first (which depends on the held pairs alone, so it
-        happens at the same arrivals after a restore from :meth:`state`)."""
+        refitted.  A full buffer first drops the rows already folded; only
+        if the pairs still waiting fill it are they all folded at once: so
+        that happens at the same arrivals after a restore from
+        :meth:`state` (which keeps the waiting pairs only) as without one."""
         held = self._held
         if held.count + m > self.buffer_rows:
-            self.flush()
+            held.compact()
+            if held.count + m > self.buffer_rows:
+                self.flush()
         held.append(rows, 0 if self.groups == 1 else y[:m])
 
     def flush(self, groups=None):
@@ -293,11 +298,14 @@ class CostateRegression:
         f, held = self.n_features, self._held
         if not held.count:
             return
-        if self.rank and self.basis is None:  # from every group's pairs, not the first's
-            self._set_basis(np.concatenate([held.waiting(g)[:, f:] for g in range(self.groups)]))
+        if self.rank and self.basis is None:  # from every group's pairs, group by group
+            self._set_basis(np.concatenate([held.unfolded(g, mark=False)[:, f:]
+                                            for g in range(self.groups)]))
         for g in (range(self.groups) if groups is None else groups):
-            if held.counts[g]:
-                self._fold(g, held.take(g))
+            rows = held.unfolded(g)
+            if len(rows):
+                self._fold(g, rows)
+        held.release()
 
     def merge(self, comm):
         """Sum the normal equations of every rank's pairs (collective; every
@@ -431,7 +439,7 @@ class CostateRegression:
         ``scale · H`` plus the pairs still held (features ``held_phi``,
         co-states ``held_p``, already weighted, and their group)."""
         f = self.n_features
-        held = [self._held.waiting(g) for g in range(self.groups)]
+        held = [self._held.unfolded(g, mark=False) for g in range(self.groups)]
         rows = np.concatenate(held)
         state = {"G": self.G.copy(), "H": self.H.copy(), "scale": np.float64(self.scale),
                  "theta": self.theta.copy(), "pairs": np.int64(self.pairs),
@@ -504,68 +512,60 @@ class _Predictor:
 
 
 class _Held:
-    """Weighted pairs ``[φ, p]`` not yet folded into their group's normal
-    equations: one region per group in a shared array, rows in arrival order.
+    """Weighted pairs ``[φ, p]`` not yet folded into their groups' normal
+    equations, in arrival order, with each pair's group; ``folded[g]``: the
+    rows before it are done for group ``g``."""
 
-    Attributes
-    ----------
-    rows : ndarray, shape (groups, capacity, f + sw)
-        Group ``g``'s pairs are ``rows[g, :counts[g]]``; the capacity grows.
-    counts : ndarray of int, shape (groups,)
-    """
-
-    def __init__(self, groups, width, capacity=64):
-        self.rows = np.empty((groups, capacity, width))
-        self.counts = np.zeros(groups, dtype=np.intp)
-
-    @property
-    def count(self):
-        """Pairs held, all groups together."""
-        return int(self.counts.sum())
+    def __init__(self, groups, f, sw, rows=64):
+        self.rows = np.empty((rows, f + sw))
+        self.group = np.empty(rows, dtype=np.intp)
+        self.count = 0
+        self.folded = np.zeros(groups, dtype=np.intp)
 
     def append(self, rows, group):
-        """Hold ``rows`` (m, f + sw) of ``group``: one group (an int) or
-        each row's own (an int array of shape (m,)), in one scatter."""
         m = len(rows)
-        if np.ndim(group) == 0:
-            g = int(group)
-            self._grow(self.counts[g] + m)
-            self.rows[g, self.counts[g]:self.counts[g] + m] = rows
-            self.counts[g] += m
-            return
-        group = np.asarray(group)
-        new = np.bincount(group, minlength=len(self.counts))
-        self._grow(int((self.counts + new).max()))
-        # each row's place: its group's count so far plus its rank among the
-        # batch's rows of that group
-        order = np.argsort(group, kind="stable")
-        place = np.empty(m, dtype=np.intp)
-        place[order] = np.arange(m) - (np.cumsum(new) - new)[group[order]]
-        place += self.counts[group] + group * self.rows.shape[1]
-        self.rows.reshape(-1, self.rows.shape[2])[place] = rows
-        self.counts += new
-
-    def _grow(self, rows):
-        """Make room for ``rows`` pairs in every group's region."""
-        capacity = self.rows.shape[1]
-        if rows > capacity:
-            grown = np.empty((len(self.counts), max(2 * capacity, rows), self.rows.shape[2]))
-            grown[:, :capacity] = self.rows
+        if self.count + m > len(self.rows):
+            size = max(2 * len(self.rows), self.count + m)
+            grown = np.empty((size, self.rows.shape[1]))
+            grown[:self.count] = self.rows[:self.count]
             self.rows = grown
+            self.group = np.resize(self.group, size)
+        self.rows[self.count:self.count + m] = rows
+        self.group[self.count:self.count + m] = group
+        self.count += m
 
-    def waiting(self, g):
-        """Group ``g``'s held rows (a view)."""
-        return self.rows[g, :self.counts[g]]
-
-    def take(self, g):
-        """Group ``g``'s held rows, now no longer held (a view, valid until
-        the next :meth:`append`)."""
-        rows = self.waiting(g)
-        self.counts[g] = 0
+    def unfolded(self, g, mark=True):
+        """Group ``g``'s rows not folded yet (a copy with several groups, a
+        view with one); ``mark``: now folded."""
+        start = self.folded[g]
+        rows = self.rows[start:self.count]
+        if len(self.folded) > 1:
+            rows = rows[self.group[start:self.count] == g]
+        if mark:
+            self.folded[g] = self.count
         return rows
 
+    def _waiting(self):
+        """Mask of the rows not yet folded into their own group, shape (count,)."""
+        return self.folded[self.group[:self.count]] <= np.arange(self.count)
+
+    def release(self):
+        """Empty the buffer once no group has rows left to fold."""
+        if not self._waiting().any():
+            self.clear()
+
+    def compact(self):
+        """Drop the rows already folded, keeping the others in their order."""
+        waiting = self._waiting()
+        k = int(np.count_nonzero(waiting))
+        self.rows[:k] = self.rows[:self.count][waiting]
+        self.group[:k] = self.group[:self.count][waiting]
+        self.count = k
+        self.folded[:] = 0
+
     def clear(self):
-        self.counts[:] = 0
+        self.count = 0
+        self.folded[:] = 0
 
 
 def prediction_errors(lam_hat, lam):
