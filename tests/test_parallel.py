@@ -134,6 +134,12 @@ def test_partition_counts_call_overheads_and_the_regression():
     # a cheaper regression (refit every 10th arrival, 8 pairs) costs less
     cheap = config.load(None, ["regression.refit_every=10", "regression.pairs_per_batch=8"])
     assert regression_cost(net, cheap, 32) < 0.7 * reg
+    # MNIST sizes (sw = 128, 10 classes): 16 co-state coordinates cost less
+    mnist = ResNet("verlet", 784, 64, 16, 10, T=1.0)
+    keys = ["regression.refit_every=100", "regression.pairs_per_batch=32"]
+    full_width = regression_cost(mnist, config.load(None, keys), 128)
+    low = regression_cost(mnist, config.load(None, keys + ["regression.rank=16"]), 128)
+    assert 0.5 * full_width < low < 0.9 * full_width
 
 
 def test_regression_recovers_affine_map():
