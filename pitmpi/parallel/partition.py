@@ -102,11 +102,12 @@ def regression_cost(net, cfg, batch_size):
     if k:
         update = m * (f * f / 2 + f * k + 2 * sw * k)
         refit = f ** 3 / 3 + f * f * k
-        predict = n * k * (copies * f + sw)
+        predict = n * k * (copies * f + sw)  # every class's map, then back to sw
     else:
-        update, refit, predict = m * (f * f + f * sw), f ** 3 / 3 + f * f * sw, n * f * sw
+        update, refit = m * (f * f + f * sw), f ** 3 / 3 + f * f * sw
+        predict = copies * n * f * sw
     arrival_us = (copies * update + refits * refit) / MATMUL_RATE["float64"]
-    predict_us = copies * predict / rate if not k else predict / rate
+    predict_us = predict / rate
     if one_hot:
         calls = 14 + 5 * min(refits, 1) + 3 * refits + 4
     else:
