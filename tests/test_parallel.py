@@ -313,6 +313,22 @@ def test_a_low_rank_regression_predicts_what_the_full_one_does_in_the_costates_s
         CostateRegression(8, 3, rank=9)
 
 
+def test_a_low_rank_prediction_made_before_any_pairs_follows_the_first_refit():
+    """Predicting before the basis exists caches ``Bᵀ = 0``; the first pairs
+    folded in (here a refit of one class only) must replace it."""
+    rng = np.random.default_rng(11)
+    span = np.linalg.qr(rng.standard_normal((8, 3)))[0]
+    reg = CostateRegression(8, 3, features="per-class", forgetting=0.95, one_hot=False, rank=3)
+    xt, yt = rng.standard_normal((10, 8)), np.full(10, 2)
+    assert not reg.predict(xt, yt).any()
+    for x, y, lam in _costates_in_a_subspace(rng, span, 4):
+        reg.add(x, y, lam, refit=[2])
+    fresh = CostateRegression(8, 3, features="per-class", one_hot=False, rank=3)
+    fresh.load_state(reg.state())
+    assert reg.predict(xt, yt).any()
+    np.testing.assert_array_equal(reg.predict(xt, yt), fresh.predict(xt, yt))
+
+
 def test_the_low_rank_basis_follows_the_costates_to_a_new_subspace():
     """Subspace iteration at each refit of group 0 turns ``B`` to where the
     co-states have moved; ``H`` and ``Θ`` follow it into the new coordinates."""

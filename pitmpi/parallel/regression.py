@@ -164,9 +164,12 @@ class CostateRegression:
         self.GH[g, :, f:] += phi.T @ pB
 
     def _set_basis(self, p):
-        """``B``: the leading eigenvectors of ``pᵀ p`` for co-states ``p`` (m, sw)."""
+        """``B``: the leading eigenvectors of ``pᵀ p`` for co-states ``p`` (m,
+        sw).  Every cached prediction is stale then (its ``Bᵀ`` was zero)."""
         _, vectors = np.linalg.eigh(p.T @ p)
         self.basis = np.ascontiguousarray(vectors[:, ::-1][:, :self.rank])
+        for predictor in self._predictor.values():
+            predictor.stale.update(range(self.groups))
 
     def _follow_subspace(self):
         """One step of subspace iteration, ``B ← qr(Y)``, once ``Y`` holds at
