@@ -82,7 +82,7 @@ def collective(comm, fn):
 
 def prepare(args, comm, log):
     """Resolve the config, load the data and build this rank's trainer."""
-    from .parallel.methods import make_trainer
+    from .parallel.methods import make_trainer, reads_features
     ckpt = None
     if args.resume:
         if args.config:
@@ -100,10 +100,12 @@ def prepare(args, comm, log):
     if comm.rank == 0:
         check_writable(cfg["output"]["path"])
     d = cfg["data"]
-    data = data_mod.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"])
+    # the features standardised straight into the network's dtype, and only
+    # on the ranks that read them (pit, model-parallel: rank 0)
+    data = data_mod.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"],
+                         n_val=d["n_val"], dtype=cfg["model"]["dtype"],
+                         features=reads_features(cfg, comm.rank, comm.size))
     trainer = make_trainer(comm, cfg, data, log)
-    # keep one copy of the features: the trainer's, in the network's dtype
-    data.x_train, data.x_val = trainer.x_train, trainer.x_val
     return cfg, data, trainer, ckpt
 
 

@@ -26,11 +26,16 @@ class Dataset:
     Attributes
     ----------
     name : str
-    x_train : ndarray, shape (n_train, d), float64
+    x_train : ndarray, shape (n_train, d), or None
+        Standardised features in the dtype asked for (float64 by default);
+        None where they were not loaded (``features=False``: a rank whose
+        blocks never read them).
     y_train : ndarray of int64, shape (n_train,)
-    x_val : ndarray, shape (n_val, d)
+    x_val : ndarray, shape (n_val, d), or None
     y_val : ndarray of int64, shape (n_val,)
     n_classes : int
+    n_features : int
+        ``d``, known also where the features are not held.
     """
 
     name: str
@@ -39,56 +44,99 @@ class Dataset:
     x_val: np.ndarray
     y_val: np.ndarray
     n_classes: int
-
-    @property
-    def n_features(self):
-        return self.x_train.shape[1]
+    n_features: int
 
     def summary(self):
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_val)} validation samples, "
                 f"{self.n_features} features, {self.n_classes} classes")
 
 
-def standardise(x_train, x_val, chunk=8192):
-    """Centre and scale both splits with the training mean and std (per feature;
-    constant features are only centred).  In place (float arrays), in chunks
-    of rows, so that no full-size temporary is made."""
-    mean = x_train.mean(axis=0)
-    x_train -= mean
-    x_val -= mean
-    var = np.zeros_like(mean)
-    for i in range(0, len(x_train), chunk):
-        part = x_train[i:i + chunk]
-        var += np.einsum("ij,ij->j", part, part)
-    std = np.sqrt(var / max(len(x_train), 1))
+def as_float64(rows):
+    """A float64 copy of ``rows`` (the default ``prepare`` of :func:`standardise`)."""
+    return np.array(rows, dtype=np.float64)
+
+
+def standardise(x_train, x_val, dtype=np.float64, prepare=as_float64, chunk=8192):
+    """Both splits centred and scaled with the training mean and std (per
+    feature; constant features are only centred), as new C-ordered arrays
+    of ``dtype``.
+
+    The statistics and the arithmetic are float64 whatever ``dtype``: the
+    result is the float64 standardisation rounded once to ``dtype``.  The
+    work goes ``chunk`` rows at a time (the variance sums each chunk's
+    squares, so the chunk size is part of the numbers), ``prepare(rows)``
+    giving a chunk's float64 values (e.g. raw ``uint8`` pixels divided by
+    255), so no full-size float64 array is made besides the output.
+
+    Parameters
+    ----------
+    x_train : array_like, shape (n_train, d)
+    x_val : array_like, shape (n_val, d)
+    dtype : numpy dtype
+    prepare : callable
+        ``prepare(rows)``: a new float64 array of the rows' values.
+    chunk : int
+
+    Returns
+    -------
+    x_train, x_val : ndarray, shapes (n_train, d), (n_val, d), of ``dtype``
+    """
+    n, d = x_train.shape
+    # the mean: NumPy's reduction over the leading axis of a C-ordered (n, d)
+    # array, d > 1, adds the rows one after the other, so carrying the sum
+    # from chunk to chunk gives the same numbers as one reduction (MNIST:
+    # the same bits, tested); a set of one chunk is one reduction
+    total = None
+    for i in range(0, n, chunk):
+        rows = prepare(x_train[i:i + chunk])
+        total = np.add.reduce(rows if total is None else np.vstack([total[None], rows]), axis=0)
+    mean = total / n if n else np.zeros(d)
+    var = np.zeros(d)
+    for i in range(0, n, chunk):
+        rows = prepare(x_train[i:i + chunk])
+        rows -= mean
+        var += np.einsum("ij,ij->j", rows, rows)
+    std = np.sqrt(var / max(n, 1))
     std[std == 0] = 1.0
-    x_train /= std
-    x_val /= std
-    return x_train, x_val
+    out = []
+    small = max(chunk // 8, 1)  # here the chunks do not change the numbers
+    for x in (x_train, x_val):
+        y = np.empty(x.shape, dtype=dtype)
+        for i in range(0, len(x), small):
+            rows = prepare(x[i:i + small])
+            rows -= mean
+            rows /= std
+            y[i:i + small] = rows
+        out.append(y)
+    return out[0], out[1]
 
 
-def _finish(name, xt, yt, xv, yv, n_classes=None):
-    xt = np.array(xt, dtype=np.float64, copy=None, order="C")
-    xv = np.array(xv, dtype=np.float64, copy=None, order="C")
-    if not xt.flags.writeable or xt.base is not None:
-        xt = xt.copy()
-    if not xv.flags.writeable or xv.base is not None:
-        xv = xv.copy()
-    xt, xv = standardise(xt, xv)
+def _finish(name, xt, yt, xv, yv, n_classes=None, dtype=np.float64, features=True,
+            prepare=as_float64, n_features=None):
+    """The :class:`Dataset` of raw splits: features standardised into ``dtype``
+    (or dropped, ``features=False``; ``xt`` may then be None if
+    ``n_features`` is given), labels as int64."""
+    if n_features is None:
+        n_features = int(np.prod(np.shape(xt)[1:]))
+    if features:
+        xt, xv = standardise(xt, xv, np.dtype(dtype), prepare)
+    else:
+        xt = xv = None
     yt = np.asarray(yt, dtype=np.int64)
     yv = np.asarray(yv, dtype=np.int64)
     if n_classes is None:
         n_classes = int(max(yt.max(), yv.max())) + 1
-    return Dataset(name, xt, yt, xv, yv, n_classes)
+    return Dataset(name, xt, yt, xv, yv, n_classes, n_features)
 
 
-def swissroll(n=256):
+def swissroll(n=256, dtype=np.float64, features=True):
     """The Swiss roll of Haber & Ruthotto (Meganet recipe).
 
     ``θ = 0 : 4π/(2n) : 4π`` (``2n + 1`` angles); class 0 at radii
     ``linspace(0, 1)``, class 1 at ``linspace(0.2, 1.2)``; points
     ``(r cos θ, r sin θ)``.  Of the stacked set (class 0 then class 1) the even
-    rows train and the odd rows validate.
+    rows train and the odd rows validate.  ``dtype``, ``features``: see
+    :func:`load`.
     """
     theta = np.linspace(0.0, 4 * np.pi, 2 * n + 1)
     r0 = np.linspace(0.0, 1.0, theta.size)
@@ -96,13 +144,15 @@ def swissroll(n=256):
     pts = np.vstack([np.column_stack([r0 * np.cos(theta), r0 * np.sin(theta)]),
                      np.column_stack([r1 * np.cos(theta), r1 * np.sin(theta)])])
     labels = np.repeat([0, 1], theta.size)
-    return _finish("swissroll", pts[0::2], labels[0::2], pts[1::2], labels[1::2], 2)
+    return _finish("swissroll", pts[0::2], labels[0::2], pts[1::2], labels[1::2], 2, dtype,
+                   features)
 
 
-def ellipses(n_train=1000, n_val=200, seed=0):
+def ellipses(n_train=1000, n_val=200, seed=0, dtype=np.float64, features=True):
     """Concentric ellipses: per class ``φ ~ U[0, 2π)``, class 0 ``r ~ U[0, 1)``,
     class 1 ``r ~ U[1, 2)``, point ``(r cos φ, 0.4 r sin φ)``; independent
-    train and validation draws of ``n_train`` / ``n_val`` points per class."""
+    train and validation draws of ``n_train`` / ``n_val`` points per class
+    (``dtype``, ``features``: see :func:`load`)."""
     rng = np.random.default_rng(seed)
 
     def draw(m):
@@ -116,7 +166,7 @@ def ellipses(n_train=1000, n_val=200, seed=0):
 
     xt, yt = draw(n_train)
     xv, yv = draw(n_val)
-    return _finish("ellipses", xt, yt, xv, yv, 2)
+    return _finish("ellipses", xt, yt, xv, yv, 2, dtype, features)
 
 
 MNIST_FILES = {
@@ -162,6 +212,31 @@ def read_idx(path, expected_md5=None, expected_magic=None, expected_count=None):
         body = gzip.decompress(raw)
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    dims, offset = _idx_header(path, body, expected_magic, expected_count)
+    size = int(np.prod(dims))
+    if len(body) - offset != size:
+        raise DataError(f"{path}: holds {len(body) - offset} data bytes, header says {size}")
+    return np.frombuffer(body, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def idx_dims(path, expected_magic=None, expected_count=None):
+    """The dimensions an IDX file's header gives, e.g. (60000, 28, 28),
+    reading only the header (with the checks of :func:`read_idx` on it)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(4 + 4 * 255)
+    except OSError as e:
+        raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    except EOFError:  # shorter than the most a header can take: the header is all there is
+        with gzip.open(path, "rb") as f:
+            head = f.read()
+    return _idx_header(path, head, expected_magic, expected_count)[0]
+
+
+def _idx_header(path, body, expected_magic, expected_count):
+    """``(dims, data offset)`` from the start of an IDX file's bytes."""
     if len(body) < 8:
         raise DataError(f"{path}: too short for an IDX header")
     magic, count = struct.unpack(">ii", body[:8])
@@ -170,42 +245,51 @@ def read_idx(path, expected_md5=None, expected_magic=None, expected_count=None):
     if expected_count is not None and count != expected_count:
         raise DataError(f"{path}: {count} items, expected {expected_count}")
     ndim = magic & 0xFF
+    if len(body) < 4 + 4 * ndim:
+        raise DataError(f"{path}: too short for an IDX header of {ndim} dimensions")
     dims = struct.unpack(">" + "i" * ndim, body[4:4 + 4 * ndim])
-    offset = 4 + 4 * ndim
-    size = int(np.prod(dims))
-    if len(body) - offset != size:
-        raise DataError(f"{path}: holds {len(body) - offset} data bytes, header says {size}")
-    return np.frombuffer(body, dtype=np.uint8, offset=offset).reshape(dims)
+    return dims, 4 + 4 * ndim
 
 
-def mnist(path=None, check_md5=True):
+def mnist(path=None, check_md5=True, dtype=np.float64, features=True):
     """MNIST from the four standard IDX gzip files in ``path`` (or ``$PITMPI_DATA``).
 
     Pixels are scaled to [0, 1], images flattened to 784 features, then
-    standardised.  The validation split is the 10,000-image test set.
+    standardised.  The validation split is the 10,000-image test set.  With
+    ``features=False`` only the label files are read (and the images'
+    headers).  ``dtype``: see :func:`load`.
     """
     root = resolve_data_dir(path)
-    arrays = {}
+    arrays, dims = {}, {}
     for fname, (md5, magic, count) in MNIST_FILES.items():
-        arrays[fname] = read_idx(os.path.join(root, fname), md5 if check_md5 else None, magic, count)
-    xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, -1) / 255.0
-    xv = arrays["t10k-images-idx3-ubyte.gz"].reshape(10000, -1) / 255.0
+        where = os.path.join(root, fname)
+        if features or "labels" in fname:
+            arrays[fname] = read_idx(where, md5 if check_md5 else None, magic, count)
+            dims[fname] = arrays[fname].shape
+        else:
+            dims[fname] = idx_dims(where, magic, count)
     yt = arrays["train-labels-idx1-ubyte.gz"]
     yv = arrays["t10k-labels-idx1-ubyte.gz"]
     for name, y in (("train-labels-idx1-ubyte.gz", yt), ("t10k-labels-idx1-ubyte.gz", yv)):
         if y.max() > 9:
             raise DataError(f"{os.path.join(root, name)}: label {int(y.max())} outside 0..9")
-    return _finish("mnist", xt, yt, xv, yv, 10)
+    d = int(np.prod(dims["train-images-idx3-ubyte.gz"][1:]))
+    if not features:
+        return _finish("mnist", None, yt, None, yv, 10, features=False, n_features=d)
+    xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, d)
+    xv = arrays["t10k-images-idx3-ubyte.gz"].reshape(10000, -1)
+    return _finish("mnist", xt, yt, xv, yv, 10, dtype, prepare=lambda pixels: pixels / 255.0)
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def npz(path):
+def npz(path, dtype=np.float64, features=True):
     """A user ``.npz`` file with keys ``x_train, y_train, x_test, y_test``.
 
     Images of any shape are flattened; integer features are taken as pixel
-    data and scaled to [0, 1]; labels must be integers ``0..c-1``.
+    data and scaled to [0, 1]; labels must be integers ``0..c-1``.  ``dtype``,
+    ``features``: see :func:`load`.
     """
     if not path:
         raise DataError("data.path must name the .npz file for data.name = 'npz'")
@@ -248,27 +332,37 @@ def npz(path):
     if xs["train"][0].shape[1] != xs["test"][0].shape[1]:
         raise DataError(f"{path}: x_train has {xs['train'][0].shape[1]} features per sample, "
                         f"x_test {xs['test'][0].shape[1]}")
-    return _finish("npz", xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1])
+    return _finish("npz", xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1],
+                   dtype=dtype, features=features)
 
 
-def load(name, path=None, seed=0, n_train=None, n_val=None):
+def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", features=True):
     """Load a dataset by name (``swissroll``, ``ellipses``, ``mnist``, ``npz``).
 
     ``n_train`` / ``n_val`` optionally keep only the first samples of each
-    split (after loading; for quick runs and tests).
+    split (after loading; for quick runs and tests).  The features come
+    standardised in ``dtype`` (the float64 values rounded once), or not at
+    all with ``features=False`` (labels and sizes only: what a rank whose
+    blocks never read the features needs; MNIST then reads only its label
+    files).
     """
+    dtype = np.dtype(dtype)
     if name == "swissroll":
-        ds = swissroll()
+        ds = swissroll(dtype=dtype, features=features)
     elif name == "ellipses":
-        ds = ellipses(seed=seed)
+        ds = ellipses(seed=seed, dtype=dtype, features=features)
     elif name == "mnist":
-        ds = mnist(path)
+        ds = mnist(path, dtype=dtype, features=features)
     elif name == "npz":
-        ds = npz(path)
+        ds = npz(path, dtype=dtype, features=features)
     else:
         raise DataError(f"data.name = {name!r} is not a dataset; allowed: {', '.join(DATASETS)}")
     if n_train:
-        ds.x_train, ds.y_train = ds.x_train[:n_train], ds.y_train[:n_train]
+        ds.y_train = ds.y_train[:n_train]
+        if ds.x_train is not None:
+            ds.x_train = ds.x_train[:n_train]
     if n_val:
-        ds.x_val, ds.y_val = ds.x_val[:n_val], ds.y_val[:n_val]
+        ds.y_val = ds.y_val[:n_val]
+        if ds.x_val is not None:
+            ds.x_val = ds.x_val[:n_val]
     return ds

@@ -6,7 +6,7 @@ from pitmpi import config, data
 from pitmpi.errors import ConfigError
 from pitmpi.parallel.coarse import prolong
 from pitmpi.parallel.comm import run_emulated
-from pitmpi.parallel.methods import make_trainer
+from pitmpi.parallel.methods import make_trainer, reads_features
 from pitmpi.parallel.partition import layer_costs, partition
 from pitmpi.parallel.regression import CostateRegression, prediction_errors
 from pitmpi.model import ResNet
@@ -71,6 +71,34 @@ def test_pit_is_deterministic(overrides):
     b = train(3, ["train.method=pit", "model.layers=12"] + overrides)
     assert max_param_diff(a.params, b.params) == 0.0
     np.testing.assert_array_equal(a.history["regression_mse"], b.history["regression_mse"])
+
+
+LABELS_ONLY = data.swissroll(features=False)
+
+
+@pytest.mark.parametrize("method, overrides, readers", [
+    ("pit", [], [True, False, False]),
+    ("pit", ["coarse.parallel=data-parallel"], [True, True, True]),
+    ("pit", ["coarse.levels=1"], [True, False, False]),
+    ("model-parallel", [], [True, False, False]),
+    ("data-parallel", [], [True, True, True]),
+    ("serial", [], [True]),
+])
+def test_ranks_that_do_not_read_the_features_train_without_them(method, overrides, readers):
+    # every rank that reads_features says False for gets labels only, and the
+    # run is the one where every rank holds the features, bit for bit
+    size = len(readers)
+    cfg = config.load(None, QUICK + [f"train.method={method}", "model.layers=12"] + overrides)
+    assert [reads_features(cfg, r, size) for r in range(size)] == readers
+
+    def job(comm):
+        ds = SWISS if reads_features(cfg, comm.rank, comm.size) else LABELS_ONLY
+        return make_trainer(comm, cfg, ds).run()
+
+    a = run_emulated(size, job)[0]
+    b = run_emulated(size, lambda comm: make_trainer(comm, cfg, SWISS).run())[0]
+    assert max_param_diff(a.params, b.params) == 0.0
+    np.testing.assert_array_equal(a.history["val_acc"], b.history["val_acc"])
 
 
 def test_regression_delay_lets_co_states_arrive_later():

@@ -45,6 +45,10 @@ class BlockTrainer(Trainer):
     def grid_for(self, cfg):
         return 1
 
+    @classmethod
+    def reads_features(cls, cfg, rank, size):
+        return rank == 0  # the opening layer's; evaluation pipes the states on
+
     def regression_cost(self, cfg):
         """Extra per-sample cost of every block but the last (see partition)."""
         return 0.0

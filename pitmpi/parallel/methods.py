@@ -14,6 +14,13 @@ def make_trainer(comm, cfg, data, log=None):
     return METHOD_CLASSES[cfg["train"]["method"]](comm, cfg, data, log)
 
 
+def reads_features(cfg, rank, size):
+    """Whether rank ``rank`` of ``size`` reads the features in the job ``cfg``
+    describes (see :meth:`~pitmpi.parallel.trainer.Trainer.reads_features`)."""
+    _load_all()
+    return METHOD_CLASSES[cfg["train"]["method"]].reads_features(cfg, rank, size)
+
+
 def _load_all():
     # imported lazily so that each method module can import the base classes
     from . import data_parallel, model_parallel, pit  # noqa: F401

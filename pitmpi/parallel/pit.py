@@ -80,6 +80,12 @@ class PitTrainer(BlockTrainer):
         self.pending = deque()  # [request, co-state, (x_out, y, Λ̂) or None, k] per batch sent right
         self.sends = deque()  # (request, buffer) of sends not yet completed
 
+    @classmethod
+    def reads_features(cls, cfg, rank, size):
+        co = cfg["coarse"]
+        shared = co["parallel"] == "data-parallel" and co["levels"] == 2 and size > 1
+        return rank == 0 or shared  # a shared coarse phase: every rank takes rows of each batch
+
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
 

@@ -100,14 +100,25 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.lr = Schedule.from_config(t)
         self.epochs = t["epochs"]
-        self.x_train = np.ascontiguousarray(data.x_train, dtype=self.net.dtype)
+        self.x_train = self.features_in_dtype(data.x_train)
         self.y_train = data.y_train
-        self.x_val = np.ascontiguousarray(data.x_val, dtype=self.net.dtype)
+        self.x_val = self.features_in_dtype(data.x_val)
         self.y_val = data.y_val
         self.seconds = {"regression": 0.0, "coarse": 0.0}
         self.exact_resume = False
         self.last_checkpoint = 0  # epoch of the last complete checkpoint, and its file
         self.checkpoint_path = None
+
+    def features_in_dtype(self, x):
+        """``x`` as a C-ordered array of the network's dtype (no copy if it
+        is one); None stays None (a rank that does not read the features)."""
+        return None if x is None else np.ascontiguousarray(x, dtype=self.net.dtype)
+
+    @classmethod
+    def reads_features(cls, cfg, rank, size):
+        """Whether rank ``rank`` of ``size`` reads the features with this
+        method and ``cfg`` (a rank that does not loads only the labels)."""
+        return True
 
     # hooks ------------------------------------------------------------
     def setup(self):

@@ -121,6 +121,23 @@ def test_resume_is_bitwise_identical_under_mpi(method):
         shutil.rmtree(folder)
 
 
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("method, everywhere", [("pit", False), ("model-parallel", False),
+                                                ("data-parallel", True)])
+def test_only_the_ranks_that_read_the_features_load_them(method, everywhere):
+    import logging
+    from pitmpi.cli import build_parser, prepare
+    comm = world()
+    args = build_parser().parse_args(["train", "--quiet", "--set", f"train.method={method}",
+                                      "--set", "model.dtype=float32"])
+    cfg, ds, trainer, _ = prepare(args, comm, logging.getLogger("test"))
+    holds = comm.rank == 0 or everywhere
+    assert (ds.x_train is not None) == holds and (trainer.x_train is not None) == holds
+    assert ds.n_features == 2 and len(ds.y_train) == 513
+    if holds:  # in the network's dtype, held once
+        assert trainer.x_train.dtype == np.float32 and trainer.x_train is ds.x_train
+
+
 @pytest.mark.mpi(min_size=2)
 def test_pit_reaches_serial_accuracy_on_the_swiss_roll():
     """The default problem (run/swissroll.toml): pit on N ranks ends within
