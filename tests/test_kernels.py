@@ -49,23 +49,26 @@ def test_the_largest_shape_checked_takes_the_prescaled_tanh():
     assert Activation("tanh").prescale(np.dtype(np.float64), 40 * 10) == -2.0
     assert Activation("tanh").prescale(np.dtype(np.float64), 9 * 6) == 1.0
     assert Activation("tanh").prescale(np.dtype(np.float32), 40 * 10) == 1.0
+    assert Activation("tanh").prescale(np.dtype(np.float32), 64 * 64) == -2.0  # MNIST: 128 * 64
+
 
 
 @pytest.mark.parametrize("scheme, store", [("euler", True), ("verlet", True), ("verlet", False)])
-def test_prescaled_tanh_sweeps_match_numpy_tanh(scheme, store, monkeypatch):
+@pytest.mark.parametrize("dtype, width, tol", [("float64", 16, 1e-11), ("float32", 64, 2e-4)])
+def test_prescaled_tanh_sweeps_match_numpy_tanh(scheme, store, dtype, width, tol, monkeypatch):
     from pitmpi.kernels import activations
-    net = ResNet(scheme, 2, 16, 6, 2, T=2.0, store_trajectory=store)
-    params = perturbed_params(net, 2)
+    net = ResNet(scheme, 2, width, 6, 2, T=2.0, store_trajectory=store, dtype=dtype)
+    params = {k: v.astype(dtype) for k, v in perturbed_params(net, 2).items()}
     rng = np.random.default_rng(4)
-    X, y = rng.standard_normal((64, 2)) * 3, rng.integers(0, 2, 64)
-    assert activations.Activation("tanh").prescale(np.dtype(np.float64), 64 * 16) == -2.0
+    X, y = (rng.standard_normal((64, 2)) * 3).astype(dtype), rng.integers(0, 2, 64)
+    assert activations.Activation("tanh").prescale(np.dtype(dtype), 64 * width) == -2.0
     loss, grads = net.loss_and_grad(params, X, y)
-    monkeypatch.setattr(activations, "EXP_TANH_PRESCALED_MIN", 10 ** 9)
-    monkeypatch.setattr(activations, "EXP_TANH_MIN", 10 ** 9)
+    monkeypatch.setattr(activations, "EXP_TANH_PRESCALED_MIN", {})
+    monkeypatch.setattr(activations, "EXP_TANH_MIN", {})
     want_loss, want = net.loss_and_grad(params, X, y)
-    assert abs(loss - want_loss) <= 1e-14
+    assert abs(loss - want_loss) <= tol * 1e-3
     for k in grads:
-        np.testing.assert_allclose(grads[k], want[k], rtol=1e-11, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(grads[k], want[k], rtol=tol, atol=tol * 1e-2, err_msg=k)
 
 
 def test_finite_difference_check_can_fail():
@@ -200,7 +203,10 @@ def test_tanh_matches_numpy_to_rounding():
     assert np.abs(got - np.tanh(x)).max() > 0  # this size takes the exp form
     assert np.isnan(Activation("tanh").apply(np.array([np.nan, 1.0])))[0]
     x32 = x.astype(np.float32)
-    np.testing.assert_array_equal(Activation("tanh").apply(x32.copy()), np.tanh(x32))
+    got32 = Activation("tanh").apply(x32.copy())
+    assert got32.dtype == np.float32
+    assert 0 < np.abs(got32 - np.tanh(x32)).max() <= 2.4e-7  # the exp form, to 2 ulp of 1
+    np.testing.assert_array_equal(Activation("tanh").apply(x32[:100].copy()), np.tanh(x32[:100]))
 
 
 
