@@ -226,12 +226,9 @@ def idx_dims(path, expected_magic=None, expected_count=None):
         raise DataError(f"{path}: file not found")
     try:
         with gzip.open(path, "rb") as f:
-            head = f.read(4 + 4 * 255)
-    except OSError as e:
+            head = f.read(4 + 4 * 255)  # the longest header (255 dimensions), or less
+    except (OSError, EOFError) as e:
         raise DataError(f"{path}: not a valid gzip file ({e})") from None
-    except EOFError:  # shorter than the most a header can take: the header is all there is
-        with gzip.open(path, "rb") as f:
-            head = f.read()
     return _idx_header(path, head, expected_magic, expected_count)[0]
 
 
@@ -260,23 +257,22 @@ def mnist(path=None, check_md5=True, dtype=np.float64, features=True):
     headers).  ``dtype``: see :func:`load`.
     """
     root = resolve_data_dir(path)
-    arrays, dims = {}, {}
+    arrays = {}
     for fname, (md5, magic, count) in MNIST_FILES.items():
         where = os.path.join(root, fname)
         if features or "labels" in fname:
             arrays[fname] = read_idx(where, md5 if check_md5 else None, magic, count)
-            dims[fname] = arrays[fname].shape
-        else:
-            dims[fname] = idx_dims(where, magic, count)
+        else:  # the images' dimensions alone
+            arrays[fname] = idx_dims(where, magic, count)
     yt = arrays["train-labels-idx1-ubyte.gz"]
     yv = arrays["t10k-labels-idx1-ubyte.gz"]
     for name, y in (("train-labels-idx1-ubyte.gz", yt), ("t10k-labels-idx1-ubyte.gz", yv)):
         if y.max() > 9:
             raise DataError(f"{os.path.join(root, name)}: label {int(y.max())} outside 0..9")
-    d = int(np.prod(dims["train-images-idx3-ubyte.gz"][1:]))
     if not features:
+        d = int(np.prod(arrays["train-images-idx3-ubyte.gz"][1:]))
         return _finish("mnist", None, yt, None, yv, 10, features=False, n_features=d)
-    xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, d)
+    xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, -1)
     xv = arrays["t10k-images-idx3-ubyte.gz"].reshape(10000, -1)
     return _finish("mnist", xt, yt, xv, yv, 10, dtype, prepare=lambda pixels: pixels / 255.0)
 
