@@ -38,6 +38,17 @@ from .partition import regression_cost
 from .regression import CostateRegression, prediction_errors
 
 
+def two_level(cfg, size):
+    """Whether a ``pit`` job of ``size`` ranks has the coarse phase."""
+    return cfg["coarse"]["levels"] == 2 and size > 1
+
+
+def shared_coarse(cfg, size):
+    """Whether every rank trains the coarse model (``coarse.parallel =
+    "data-parallel"``), not rank 0 alone."""
+    return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
+
+
 class _Alone:
     """The communicator of a computation that one rank does by itself."""
 
@@ -51,7 +62,7 @@ class PitTrainer(BlockTrainer):
     method = "pit"
 
     def __init__(self, comm, cfg, data, log=None):
-        self.two_level = cfg["coarse"]["levels"] == 2 and comm.size > 1
+        self.two_level = two_level(cfg, comm.size)
         super().__init__(comm, cfg, data, log)
         self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
         sw, bs, dt = self.net.state_width, self.batches.batch_size, self.net.dtype
@@ -82,9 +93,7 @@ class PitTrainer(BlockTrainer):
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
-        co = cfg["coarse"]
-        shared = co["parallel"] == "data-parallel" and co["levels"] == 2 and size > 1
-        return rank == 0 or shared  # a shared coarse phase: every rank takes rows of each batch
+        return rank == 0 or shared_coarse(cfg, size)  # shared: every rank takes rows of each batch
 
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
@@ -103,7 +112,7 @@ class PitTrainer(BlockTrainer):
             return
         payload = None
         t = time.perf_counter()
-        shared = self.cfg["coarse"]["parallel"] == "data-parallel"
+        shared = shared_coarse(self.cfg, comm.size)
         self.log.info("global prediction: coarse model of %d layers, %s",
                       self.net.layers // self.cfg["coarse"]["factor"],
                       f"data-parallel on {comm.size} ranks" if shared else "on rank 0")
