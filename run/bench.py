@@ -56,20 +56,28 @@ METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
 
 
-def probe(chunks=7, calls=300):
-    """Microseconds per call of a fixed small NumPy workload (a Swiss-roll
-    sized product and ``tanh``), the median over ``chunks``: how fast the
-    machine is right now, taken before each run so that a run which started in
-    a slow spell of a shared machine can be told from a slower method."""
+def probe_workload():
+    """The machine probe's fixed small NumPy workload (a Swiss-roll sized
+    product and ``tanh``): a function of ``calls`` that runs it that many
+    times and returns the microseconds per call."""
     rng = np.random.default_rng(0)
     a, K = rng.standard_normal((32, 16)), 0.1 * rng.standard_normal((16, 16))
-    times = []
-    for _ in range(chunks):
+
+    def timed(calls):
         t = time.perf_counter()
         for _ in range(calls):
             np.tanh(a @ K, out=a)
-        times.append((time.perf_counter() - t) / calls * 1e6)
-    return statistics.median(times)
+        return (time.perf_counter() - t) / calls * 1e6
+    return timed
+
+
+def probe(chunks=7, calls=300):
+    """Microseconds per call of :func:`probe_workload`, the median over
+    ``chunks``: how fast the machine is right now, taken before each run so
+    that a run which started in a slow spell of a shared machine can be told
+    from a slower method."""
+    timed = probe_workload()
+    return statistics.median(timed(calls) for _ in range(chunks))
 
 
 def run_one(args, name, layers, repeat, seed=None):

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import pathlib
 
@@ -20,3 +21,11 @@ def mnist_path():
     if path is None:
         pytest.skip("MNIST files not found: set PITMPI_DATA to the directory of the IDX files")
     return path
+
+
+def run_script(name):
+    """The module ``run/NAME.py`` (the benchmark scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "run" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,18 +1,13 @@
 """run/bench.py's summary: medians, median-epoch figures and the machine probe."""
-import importlib.util
-
 import numpy as np
 import pytest
 
-from .conftest import REPO
+from .conftest import run_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "run" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return run_script("bench")
 
 
 def fig(iter_ms, epoch_ms, probe, file, ranks=1, slow=0.0):

@@ -5,6 +5,7 @@ import pytest
 from pitmpi.cli import main
 from pitmpi.parallel.comm import run_emulated
 
+from .conftest import run_script
 from .test_checkpoint import train
 
 
@@ -98,14 +99,9 @@ def test_report_errors(tmp_path, capsys):
 
 
 def test_scaling_check_splits_pit_iteration_against_serial(sweep, capsys):
-    import importlib.util
-    import pathlib
-
     import h5py
-    path = pathlib.Path(__file__).parents[1] / "run" / "scaling_check.py"
-    spec = importlib.util.spec_from_file_location("scaling_check", path)
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+
+    check = run_script("scaling_check")
     serial, pit = sweep[2], sweep[3]  # 8 layers
     check.main([serial, pit])
     row = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")
