@@ -8,8 +8,11 @@
 # on this node (cost_model-L*.md), then runs serial (1 rank), data-parallel
 # and pit at each rank count with one BLAS thread per rank (run/bench.py) and
 # keeps each rank count's summary (summary-nN.md).  Compare the model's "pit
-# efficiency per iteration" with the summaries' iter-eff column.  Needs as
-# many cores as the largest rank count.
+# efficiency per iteration" with the summaries' iter-eff column.  First it
+# records the lockstep ceiling of each rank count's cores (run/pace.py,
+# pace-nN.txt, PACE_SECONDS each; 0 skips): how much any method whose ranks
+# wait for each other loses to cores that change speed independently.  Needs
+# as many cores as the largest rank count.
 set -euo pipefail
 out=${1:?usage: run/scaling.sh OUTDIR}
 layers=${LAYERS:-64 256}
@@ -19,12 +22,18 @@ repeats=${REPEATS:-2}
 config=${CONFIG:-run/swissroll.toml}
 methods=${METHODS:-serial data-parallel pit}
 coarse=${COARSE_ITERATIONS:-600}
+pace_seconds=${PACE_SECONDS:-30}
 iters_per_epoch=${ITERS_PER_EPOCH:-16}   # Swiss roll: 512 samples / batch 32
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
+if [ "$pace_seconds" != 0 ]; then
+    for N in $ranks; do
+        "$py" "$here/pace.py" --cores "$N" --seconds "$pace_seconds" --bin 0.05 | tee "$out/pace-n$N.txt"
+    done
+fi
 for L in $layers; do
     "$py" "$here/cost_model.py" --layers "$L" --iterations $((epochs * iters_per_epoch)) \
         --coarse-iterations "$coarse" | tee "$out/cost_model-L$L.md"
@@ -35,6 +44,7 @@ for N in $ranks; do
         --scale-lr 32 --set "train.epochs=$epochs" --out "$out"
     cp "$out/summary.md" "$out/summary-n$N.md"
 done
+shopt -s nullglob  # METHODS without pit: no per-rank report
 for f in "$out"/L*-pit-n*-r0.h5; do
     echo "## $(basename "$f")"
     "$py" -m pitmpi report "$f"
