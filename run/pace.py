@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import sys
 import time
+from queue import Empty
 
 import numpy as np
 
@@ -139,11 +140,14 @@ def main(argv=None):
     for w in workers:
         w.start()
     print(f"sampling {len(cores)} cores for {args.seconds:g} s ...", flush=True)
-    got = dict(queue.get(timeout=args.seconds + 60) for _ in workers)
+    try:
+        got = dict(queue.get(timeout=args.seconds + 60) for _ in workers)
+    except Empty:
+        got = None  # a worker died before reporting (its traceback is above)
     for w in workers:
-        w.join()
-    if any(w.exitcode != 0 for w in workers):
-        sys.exit("a sampling process failed")
+        w.join(timeout=10)
+    if got is None or any(w.exitcode != 0 for w in workers):
+        sys.exit("pace: a sampling process failed; see its error above")
     for line in report(summarise([got[c] for c in cores], args.bin), args.bin):
         print(line)
 
