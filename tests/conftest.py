@@ -1,6 +1,8 @@
 import importlib.util
 import os
 import pathlib
+import shutil
+import sys
 
 import pytest
 
@@ -29,3 +31,16 @@ def run_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def mpiexec():
+    """The MPI launcher for tests that start their own MPI jobs:
+    ``$PITMPI_TEST_MPIEXEC``, else the ``mpiexec`` beside this interpreter (the
+    MPICH wheel installs it into the same environment, activated or not),
+    else the one on ``PATH``."""
+    if os.environ.get("PITMPI_TEST_MPIEXEC"):
+        return os.environ["PITMPI_TEST_MPIEXEC"]
+    beside = pathlib.Path(sys.executable).parent / "mpiexec"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("mpiexec") or "mpiexec"

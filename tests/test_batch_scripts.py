@@ -28,13 +28,15 @@ def shim_env(tmp_path, expired=False):
         p = bin_dir / name
         p.write_text(text)
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
-    (bin_dir / "python3").symlink_to(sys.executable) if not (bin_dir / "python3").exists() else None
     cfg = tmp_path / "tiny.toml"
     cfg.write_text("[model]\nlayers = 4\n[train]\nepochs = 2\nmethod = 'serial'\n"
                    "[output]\nprogress = false\n")
     nodes = tmp_path / "nodes"
     nodes.write_text("node1\n")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="1",
+    # the scripts run "$PYTHON -m pitmpi": this interpreter, however it was
+    # started (a symlink to a venv's python would lose the venv's packages)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+               SLURM_JOB_ID="1",
                CONFIG=str(cfg), OUT=str(tmp_path / "o.h5"), SHIM_LOG=str(tmp_path / "log"),
                PBS_NODEFILE=str(nodes), PBS_O_WORKDIR=str(REPO))
     return env

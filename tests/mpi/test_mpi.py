@@ -15,6 +15,8 @@ from pitmpi import config, data
 from pitmpi.parallel.comm import MPIComm, run_emulated
 from pitmpi.parallel.methods import make_trainer
 
+from ..conftest import mpiexec
+
 QUICK = ["model.layers=12", "train.epochs=2", "output.progress=false"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,7 +88,7 @@ def test_failing_rank_ends_job(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("fail") / "o.h5")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
     env["PITMPI_FAIL_RANK"] = "1"
-    launcher = os.environ.get("PITMPI_TEST_MPIEXEC", "mpiexec")
+    launcher = mpiexec()
     r = subprocess.run([launcher, "-n", "2", sys.executable, "-c", script, out],
                        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert r.returncode != 0
