@@ -6,9 +6,12 @@ checkpoint is kept), 1 anything else.  Under MPI a failure on one rank ends the
 whole job (``Abort``) with a message that names the rank.
 """
 import argparse
+import contextlib
 import os
 import sys
 import traceback
+
+import numpy as np
 
 from . import __version__
 from . import config as config_mod
@@ -181,6 +184,13 @@ def report(args, log):
     return 0
 
 
+def floating_point_quiet(debug):
+    """NumPy's overflow / invalid-value warnings off during training (a
+    diverging run is stopped with its own message, which says more), on
+    under ``--debug``."""
+    return contextlib.nullcontext() if debug else np.errstate(all="ignore")
+
+
 def main(argv=None, comm=None):
     """Entry point; returns the exit code.  ``comm`` defaults to COMM_WORLD."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -202,7 +212,8 @@ def main(argv=None, comm=None):
     try:
         if args.command == "report":
             return report(args, log)
-        return train(args, comm, log)
+        with floating_point_quiet(debug):
+            return train(args, comm, log)
     except UserError as e:
         agreed = comm.size == 1 or getattr(e, "collective", False)
         if comm.rank == 0 or not agreed:

@@ -82,6 +82,11 @@ def standardise(x_train, x_val, dtype=np.float64, prepare=as_float64, chunk=8192
     x_train, x_val : ndarray, shapes (n_train, d), (n_val, d), of ``dtype``
     """
     n, d = x_train.shape
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, with a clear message
+        return _standardise(x_train, x_val, n, d, dtype, prepare, chunk)
+
+
+def _standardise(x_train, x_val, n, d, dtype, prepare, chunk):
     # the mean: NumPy's reduction over the leading axis of a C-ordered (n, d)
     # array, d > 1, adds the rows one after the other, so carrying the sum
     # from chunk to chunk gives the same numbers as one reduction (MNIST:
@@ -97,6 +102,12 @@ def standardise(x_train, x_val, dtype=np.float64, prepare=as_float64, chunk=8192
         rows -= mean
         var += np.einsum("ij,ij->j", rows, rows)
     std = np.sqrt(var / max(n, 1))
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise DataError("x_train: the features' mean or spread overflows float64; rescale "
+                        "the features (e.g. to magnitudes around 1)")
+    if d and n > 1 and not np.any(std > 0):
+        raise DataError("x_train: every feature is constant (zero spread), so the network "
+                        "sees the same input for every sample; check the data")
     std[std == 0] = 1.0
     out = []
     small = max(chunk // 8, 1)  # here the chunks do not change the numbers
@@ -107,26 +118,53 @@ def standardise(x_train, x_val, dtype=np.float64, prepare=as_float64, chunk=8192
             rows -= mean
             rows /= std
             y[i:i + small] = rows
+        if not np.all(np.isfinite(y)):
+            split = "x_train" if x is x_train else "x_test"
+            raise DataError(f"{split}: standardised with the training mean and spread, the "
+                            f"features leave the range of {np.dtype(dtype).name}; rescale them")
         out.append(y)
     return out[0], out[1]
 
 
 def _finish(name, xt, yt, xv, yv, n_classes=None, dtype=np.float64, features=True,
-            prepare=as_float64, n_features=None):
+            prepare=as_float64, n_features=None, source=None):
     """The :class:`Dataset` of raw splits: features standardised into ``dtype``
     (or dropped, ``features=False``; ``xt`` may then be None if
     ``n_features`` is given), labels as int64."""
     if n_features is None:
         n_features = int(np.prod(np.shape(xt)[1:]))
     if features:
-        xt, xv = standardise(xt, xv, np.dtype(dtype), prepare)
+        try:
+            xt, xv = standardise(xt, xv, np.dtype(dtype), prepare)
+        except DataError as e:
+            raise DataError(f"{source or name}: {e}") from None
     else:
         xt = xv = None
     yt = np.asarray(yt, dtype=np.int64)
     yv = np.asarray(yv, dtype=np.int64)
+    check_labels(source or name, yt, yv)
     if n_classes is None:
         n_classes = int(max(yt.max(), yv.max())) + 1
     return Dataset(name, xt, yt, xv, yv, n_classes, n_features)
+
+
+def check_labels(source, y_train, y_test):
+    """Classification needs two classes in ``y_train``, and no test label the
+    training labels never reach.
+
+    Raises
+    ------
+    DataError
+        Naming ``source`` (a file or dataset) and the split.
+    """
+    train_classes = np.unique(y_train)
+    if len(train_classes) < 2:
+        raise DataError(f"{source}: y_train holds a single class (label {int(train_classes[0])});"
+                        " classification needs at least two")
+    top = int(train_classes[-1])
+    if len(y_test) and int(y_test.max()) > top:
+        raise DataError(f"{source}: y_test holds label {int(y_test.max())}, which y_train never "
+                        f"has (its labels go up to {top}); the classifier could never predict it")
 
 
 def swissroll(n=256, dtype=np.float64, features=True):
@@ -329,7 +367,7 @@ def npz(path, dtype=np.float64, features=True):
         raise DataError(f"{path}: x_train has {xs['train'][0].shape[1]} features per sample, "
                         f"x_test {xs['test'][0].shape[1]}")
     return _finish("npz", xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1],
-                   dtype=dtype, features=features)
+                   dtype=dtype, features=features, source=path)
 
 
 def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", features=True):

@@ -1,6 +1,8 @@
 """Every bad input: one-line error naming the key or file, exit code 2 on every
 rank, no output file (issue: robustness).  Run on 2 emulated ranks, so each
 case also checks that all ranks exit."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -9,8 +11,9 @@ from pitmpi.parallel.comm import run_emulated
 
 
 def npz_file(tmp_path, **change):
-    arrays = {"x_train": np.zeros((40, 2)), "y_train": np.arange(40) % 2,
-              "x_test": np.zeros((10, 2)), "y_test": np.arange(10) % 2}
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.standard_normal((40, 2)), "y_train": np.arange(40) % 2,
+              "x_test": rng.standard_normal((10, 2)), "y_test": np.arange(10) % 2}
     arrays.update(change)
     arrays = {k: v for k, v in arrays.items() if v is not None}
     path = tmp_path / "d.npz"
@@ -62,6 +65,24 @@ CASES = {
     "npz NaN features": (lambda t: ["--set", "data.name=npz", "--set",
                                     "data.path=" + npz_file(t, x_train=np.full((40, 2), np.nan))],
                          "x_train holds NaN or Inf"),
+    "npz features overflow": (lambda t: ["--set", "data.name=npz", "--set", "data.path=" + npz_file(
+        t, x_train=np.random.default_rng(1).standard_normal((40, 2)) * 1e300)],
+        "d.npz: x_train: the features' mean or spread overflows float64"),
+    "npz test features overflow": (lambda t: ["--set", "data.name=npz", "--set", "data.path=" + npz_file(
+        t, x_test=np.full((10, 2), 1e300)), "--set", "model.dtype=float32"],
+        "d.npz: x_test: standardised with the training mean and spread, the features leave "
+        "the range of float32"),
+    "npz constant features": (lambda t: ["--set", "data.name=npz", "--set",
+                                         "data.path=" + npz_file(t, x_train=np.ones((40, 2)))],
+                              "d.npz: x_train: every feature is constant (zero spread)"),
+    "npz single class": (lambda t: ["--set", "data.name=npz", "--set",
+                                    "data.path=" + npz_file(t, y_train=np.full(40, 3))],
+                         "d.npz: y_train holds a single class (label 3); classification needs "
+                         "at least two"),
+    "npz test label unseen": (lambda t: ["--set", "data.name=npz", "--set",
+                                         "data.path=" + npz_file(t, y_test=np.arange(10) % 3)],
+                              "d.npz: y_test holds label 2, which y_train never has (its labels "
+                              "go up to 1)"),
     "npz negative labels": (lambda t: ["--set", "data.name=npz", "--set",
                                        "data.path=" + npz_file(t, y_test=-np.ones(10, int))],
                             "y_test holds negative labels"),
@@ -93,7 +114,10 @@ def test_bad_input(tmp_path, capsys, case):
     out = tmp_path / "out.h5"
     if "--out" not in argv and "--resume" not in argv:
         argv = argv + ["--out", str(out)]
-    codes = run_emulated(2, lambda comm: main(["train", "--quiet", *argv], comm=comm))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        codes = run_emulated(2, lambda comm: main(["train", "--quiet", *argv], comm=comm))
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
     assert codes == [2, 2]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

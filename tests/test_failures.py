@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 
 import pytest
 
@@ -12,7 +13,7 @@ from pitmpi.checkpoint import Checkpoint
 from pitmpi.cli import main
 from pitmpi.parallel.comm import EmulationAborted, run_emulated
 
-from .conftest import REPO
+from .conftest import REPO, mpiexec
 
 BASE = ["--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20"]
 
@@ -54,6 +55,39 @@ def test_exploding_loss_is_divergence(tmp_path, capsys):
     assert not (tmp_path / "x.h5").exists()
 
 
+COARSE_DIVERGES = ["--set", "train.lr=1e308", "--set", "train.epochs=2"]
+
+
+def test_coarse_phase_divergence_stops_at_its_first_bad_loss(tmp_path, capsys):
+    out = tmp_path / "c.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(EmulationAborted):  # rank 0 ends the job; rank 1 waited for it
+            run(2, ["train", *BASE, *COARSE_DIVERGES, "--out", str(out)])
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], caught
+    # (emulated, rank 1 then reports the abort it was stopped by; MPI kills it)
+    err = [line for line in capsys.readouterr().err.splitlines() if "diverged" in line]
+    assert len(err) == 1, err
+    assert err[0].startswith("pitmpi: training diverged in the coarse phase (global prediction) "
+                             "at coarse iteration 1 of 20: the batch loss is "), err[0]
+    assert "try a smaller coarse.lr (now 1e+308, from coarse.lr = 0, so train.lr)" in err[0]
+    assert "or fewer coarse.iterations (now 20)" in err[0]
+    assert not out.exists()
+
+
+def test_coarse_phase_divergence_under_mpiexec_prints_no_numpy_warning(tmp_path):
+    out = tmp_path / "c.h5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    r = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "pitmpi", "train", *BASE,
+                        *COARSE_DIVERGES, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode != 0
+    assert "pitmpi: training diverged in the coarse phase" in r.stderr, r.stderr
+    assert "Warning" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "global prediction done" not in r.stdout + r.stderr
+    assert not out.exists()
+
+
 def rank_pid(tag, rank, timeout=60):
     """PID of the MPI process with PMI_RANK=rank among those started with PITMPI_TEST_TAG=tag."""
     deadline = time.monotonic() + timeout
@@ -76,7 +110,7 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
     tag = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
     env.update(PITMPI_TEST_TAG=tag, OMP_NUM_THREADS="1")
-    launcher = os.environ.get("PITMPI_TEST_MPIEXEC", "mpiexec")
+    launcher = mpiexec()
     cmd = [launcher, "-n", "2", sys.executable, "-m", "pitmpi", "train", *BASE,
            "--set", "train.epochs=100000", "--set", "output.checkpoint_every=1", "--out", str(path)]
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -114,7 +148,7 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
 def test_bad_input_under_mpiexec_ends_every_rank(tmp_path, argv, message):
     """Real MPI, 2 processes: exit code 2, one error line, no output file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
-    launcher = os.environ.get("PITMPI_TEST_MPIEXEC", "mpiexec")
+    launcher = mpiexec()
     out = tmp_path / "o.h5"
     r = subprocess.run([launcher, "-n", "2", sys.executable, "-m", "pitmpi", "train", "--quiet",
                         "--out", str(out), *argv], cwd=REPO, env=env, capture_output=True,

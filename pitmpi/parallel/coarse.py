@@ -17,6 +17,7 @@ Either way this function receives the communicator of the ranks that train.
 """
 import numpy as np
 
+from ..errors import Diverged
 from ..model import join_blocks
 from .data_parallel import share
 from .flat import FlatSum
@@ -59,6 +60,26 @@ def prolong(coarse_params, factor, kind="constant"):
         shape = (-1,) + (1,) * (c.ndim - 1)
         fine[name] = ((1.0 - t).reshape(shape) * c[i0] + t.reshape(shape) * c[i1]).astype(c.dtype)
     return fine
+
+
+def check_coarse_loss(loss, g, iterations, lr, coarse_cfg, limit):
+    """Stop the coarse phase at its first non-finite or exploding batch loss
+    (every rank that trains it sees the same, summed loss).
+
+    Raises
+    ------
+    Diverged
+        Naming the coarse phase, its iteration and the keys to change.
+    """
+    if np.isfinite(loss) and not (limit and loss > limit):
+        return
+    what = (f"the batch loss is {loss}" if not np.isfinite(loss) else
+            f"the batch loss {loss:.4g} exceeds train.max_loss = {limit:g}")
+    source = "coarse.lr" if coarse_cfg["lr"] else "coarse.lr = 0, so train.lr"
+    raise Diverged(f"training diverged in the coarse phase (global prediction) at coarse "
+                   f"iteration {g} of {iterations}: {what}; try a smaller coarse.lr (now {lr:g}, "
+                   f"from {source}) or fewer coarse.iterations (now "
+                   f"{coarse_cfg['iterations']}); no output file was written")
 
 
 def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
@@ -125,6 +146,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
             if blocks[i].last:
                 data_loss = part
         (loss,) = gradient_sum.allreduce(comm, grads, [data_loss])
+        check_coarse_loss(loss, g, iterations, lr, co, tr["max_loss"])
         for p, gr, opt in zip(local, grads, opts):
             opt.step(p, gr, lr)
         if log is not None and (g + 1) % max(iterations // 4, 1) == 0:
