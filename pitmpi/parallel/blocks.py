@@ -9,7 +9,7 @@ import numpy as np
 
 from ..kernels import score_stats
 from ..model import join_blocks
-from .comm import STATE_TAG
+from .comm import COSTATE_TAG, STATE_TAG, batch_tag
 from .partition import describe, layer_costs, partition
 from .trainer import Trainer
 
@@ -41,6 +41,7 @@ class BlockTrainer(Trainer):
         self.next = r + 1 if r < comm.size - 1 else None
         self.params = None
         self.opt = None
+        self.sweep_bufs = None  # (state in, co-state out) of exact_sweep, made on first use
 
     def grid_for(self, cfg):
         return 1
@@ -85,6 +86,57 @@ class BlockTrainer(Trainer):
     def finish_step(self, grads, k, epoch, loss):
         """Add weight decay, update this block; return its loss part."""
         return loss + self.opt.step(self.params, grads, self.lr(k, epoch))
+
+    def exact_sweep(self, block, g, y, check=None, at_boundary=None):
+        """Batch ``g`` through every block with the current controls: the
+        states forward rank to rank, the loss gradient on the last rank, the
+        co-states back (model-parallel's iteration, without the update).
+        Collective over the chain; nothing else may be in flight.
+
+        Parameters
+        ----------
+        block : Block
+            This rank's block (its workspace, if any, is overwritten).
+        g : int
+            Batch id (rank 0 reads its features; the tags carry it).
+        y : ndarray of int, shape (n,)
+            The batch's labels (read on the last rank).
+        check : callable, optional
+            ``check(x_out)`` on the state at this block's right end.
+        at_boundary : callable, optional
+            On every rank but the last, ``at_boundary(ctx, lam_out)`` with the
+            block's forward and the exact co-state at its right end, shape
+            (n, state_width), before the block's own backward.
+
+        Returns
+        -------
+        lam_in, grads, stats
+            As :meth:`~pitmpi.model.Block.backward` with the exact co-state.
+        """
+        comm = self.comm
+        if self.sweep_bufs is None:
+            shape = (self.batches.batch_size, self.net.state_width)
+            self.sweep_bufs = tuple(np.empty(shape, dtype=self.net.dtype) for _ in range(2))
+        x_in, lam_out = self.sweep_bufs
+        if block.first:
+            inp = self.features(g)
+        else:
+            comm.recv(x_in, self.prev, batch_tag(STATE_TAG, g))
+            inp = x_in
+        ctx = block.forward(self.params, inp)
+        if check is not None:
+            check(ctx.output)
+        if self.next is not None:
+            comm.send(np.ascontiguousarray(ctx.output), self.next, batch_tag(STATE_TAG, g))
+            comm.recv(lam_out, self.next, batch_tag(COSTATE_TAG, g))
+            if at_boundary is not None:
+                at_boundary(ctx, lam_out)
+            lam_in, grads, stats = block.backward(self.params, ctx, lam_out=lam_out)
+        else:
+            lam_in, grads, stats = block.backward(self.params, ctx, y=y)
+        if self.prev is not None:
+            comm.send(lam_in, self.prev, batch_tag(COSTATE_TAG, g))
+        return lam_in, grads, stats
 
     def evaluate(self, X, y):
         """Pipe ``X`` through the blocks in chunks (:func:`eval_chunk`),
