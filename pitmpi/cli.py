@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint
 from .errors import Diverged, UserError
 from .io import check_writable, write_result
 from .logs import setup_logging
+from .parallel.comm import EmulationAborted
 
 DESCRIPTION = """Layer-parallel (parallel-in-time) training of residual networks with MPI.
 Without a command, trains the default problem (Verlet ResNet, Swiss roll):
@@ -60,6 +61,10 @@ def add_train_arguments(t):
     t.add_argument("--resume", metavar="FILE.h5",
                    help="continue the run saved in FILE.h5 (its config, then --set overrides; "
                         "raise train.epochs to train longer); writes to FILE.h5 unless --out")
+    t.add_argument("--emulate", type=int, metavar="N",
+                   help="run N ranks as threads of this one process (no mpirun): the "
+                        "iterates, accuracy and output of an N-rank job, for accuracy "
+                        "studies on a workstation; its timings mean nothing")
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.add_argument("--debug", action="store_true", help="full tracebacks for errors")
 
@@ -140,8 +145,8 @@ def share_cores(comm, log):
 
 def train(args, comm, log):
     cfg, data, trainer, ckpt = collective(comm, lambda: prepare(args, comm, log))
-    log.info("pitmpi %s: %s on %d rank(s); %s", __version__, cfg["train"]["method"], comm.size,
-             data.summary())
+    log.info("pitmpi %s: %s on %d %srank(s); %s", __version__, cfg["train"]["method"], comm.size,
+             "emulated " if comm.emulated else "", data.summary())
     log.info("network: %r", trainer.net)
     path = cfg["output"]["path"]
     if ckpt is not None:
@@ -207,6 +212,39 @@ def main(argv=None, comm=None):
         else:
             from .parallel.comm import world_comm
             comm = world_comm()
+    if getattr(args, "emulate", None) is not None:
+        return emulate(args, comm)
+    return run(args, comm)
+
+
+EMULATED_TIMEOUT = 86400.0  # seconds an emulated rank waits for a message (a long coarse phase)
+
+
+def emulate(args, world):
+    """``train --emulate N``: N ranks as threads of this process (the thread
+    communicator, which gives the iterates of ``mpirun -n N``), for accuracy
+    studies on a workstation; their timings mean nothing.  Returns the exit
+    code."""
+    from .parallel.comm import run_emulated
+    if world.size > 1:
+        if world.rank == 0:
+            print(f"pitmpi: error: --emulate {args.emulate} runs its ranks as threads of one "
+                  f"process, but this job has {world.size} MPI processes; start it without "
+                  "mpirun, or drop --emulate", file=sys.stderr)
+        return 2
+    if args.emulate < 1:
+        print(f"pitmpi: error: --emulate {args.emulate} is not allowed; expected a number of "
+              "ranks >= 1", file=sys.stderr)
+        return 2
+    try:
+        return max(run_emulated(args.emulate, lambda comm: run(args, comm),
+                                timeout=EMULATED_TIMEOUT))
+    except EmulationAborted as e:  # a rank ended the job; it has said why
+        return getattr(e, "code", 1)
+
+
+def run(args, comm):
+    """The command of ``args`` on this rank; returns the exit code."""
     log = setup_logging(comm.rank, comm.size, getattr(args, "quiet", False))
     debug = getattr(args, "debug", False)
     try:
@@ -233,6 +271,8 @@ def main(argv=None, comm=None):
             sys.stderr.flush()
             comm.abort(3)
         return 3
+    except EmulationAborted:  # stopped because another emulated rank failed; it has said why
+        raise
     except Exception as e:  # noqa: BLE001 - any failure must end every rank
         if comm.size > 1:
             sys.stderr.write(f"pitmpi: rank {comm.rank} of {comm.size} failed: "

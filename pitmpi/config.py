@@ -130,9 +130,24 @@ SCHEMA = {
                                "0 is the paper's schedule (blocking Sendrecv); d > 0 exchanges "
                                "without blocking and lets each rank run up to d iterations "
                                "ahead of its right neighbour", minimum=0),
+        "target": Key("str", "neighbour", "the co-state a boundary's regression learns from: "
+                                          "the one its right neighbour computed from its own "
+                                          "prediction (neighbour, the paper's), or the batch's "
+                                          "exact co-state, relayed back block by block along "
+                                          "the batch's kept states (relayed; 2(N-r)-3 "
+                                          "iterations late at rank r, one more forward and "
+                                          "backward per iteration on ranks 1..N-2)",
+                       choices=("neighbour", "relayed")),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
                                      "(per-class: the classes' refits spread over those k "
                                      "arrivals; pairs are always added)", minimum=1),
+    },
+    "monitor": {
+        "every": Key("int", 0, "pit: every k-th iteration compute, with the current controls, "
+                               "the exact co-states of that iteration's batch at every block "
+                               "boundary (a model-parallel sweep, not timed as training) and "
+                               "record the predicted co-states' error and the gradients' "
+                               "cosines (history/monitor_*); 0: off", minimum=0),
     },
     "output": {
         "path": Key("str", "results/run.h5", "HDF5 output file"),

@@ -4,8 +4,10 @@ import sys
 
 
 def setup_logging(rank, size, quiet=False):
-    """Configure the ``pitmpi`` logger for this rank and return it."""
-    log = logging.getLogger("pitmpi")
+    """Configure this rank's logger and return it: ``pitmpi`` on rank 0,
+    ``pitmpi.rank<r>`` elsewhere (emulated ranks, threads of one process,
+    then do not reconfigure each other's)."""
+    log = logging.getLogger("pitmpi" if rank == 0 else f"pitmpi.rank{rank}")
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
     prefix = f"[{rank}/{size}] " if size > 1 else ""

@@ -52,6 +52,12 @@ class Run:
         return int(self.attrs.get("ranks", 1))
 
     @property
+    def emulated(self):
+        """Whether the ranks were threads of one process (``--emulate``):
+        the iterates of a real job, but timings that mean nothing."""
+        return bool(self.attrs.get("emulated", False))
+
+    @property
     def layers(self):
         return int(self.cfg["model"]["layers"])
 
@@ -137,7 +143,8 @@ def summarise(path):
     lines = [f"{path}",
              f"  problem   {run.dataset}, {m['scheme']} ResNet, width {m['width']}, "
              f"{m['layers']} layers, T = {m['T']}, {m['dtype']}",
-             f"  method    {run.method} on {run.ranks} rank(s), "
+             f"  method    {run.method} on {run.ranks} "
+             f"{'emulated rank(s) (threads of one process: the timings below mean nothing)' if run.emulated else 'rank(s)'}, "
              f"{len(h['val_acc'])} epochs, {run.iterations} iterations, "
              f"{int(run.attrs.get('samples', 0))} samples"]
     if "partition" in run.extra:
@@ -163,14 +170,35 @@ def summarise(path):
         tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]
         lines.append("  regression ‖Λ̂−Λ‖/‖Λ̂‖ over the last 100 iterations, per boundary: "
                      + " ".join(f"{v:.3f}" for v in np.nanmean(tail, axis=0)))
+    lines.extend(monitor_lines(h))
     return "\n".join(lines)
+
+
+def monitor_lines(h, rows=5):
+    """The exact-co-state monitor's table (``monitor.every``), at ``rows``
+    points spread over the run; [] without it."""
+    its = h.get("monitor_iteration")
+    if its is None or not len(its):
+        return []
+    picks = sorted(set(np.linspace(0, len(its) - 1, min(rows, len(its))).round().astype(int)))
+    rel, cos = h["monitor_costate_rel"], h["monitor_grad_cos"]
+    nb = rel.shape[1]
+    header = (["iteration"] + [f"‖Λ̂−Λ‖/‖Λ‖ s{b + 1}" for b in range(nb)]
+              + [f"cos blk{b}" for b in range(nb)] + ["cos all"])
+    body = [[str(int(its[i]))] + [f"{v:.3f}" for v in rel[i]] + [f"{v:.3f}" for v in cos[i]]
+            + [f"{h['monitor_grad_cos_all'][i]:.3f}"] for i in picks]
+    out = ["  exact-co-state monitor: predicted co-state at each boundary against the exact "
+           "one, and cosine of each block's gradient (and the whole net's) with the exact "
+           "gradient:"]
+    out.extend("    " + s for s in table(header, body).splitlines())
+    return out
 
 
 def baseline_of(run, runs):
     """The run ``run`` is compared with: the fastest serial run of the same dataset
     and depth with one BLAS thread, else any serial one, else the fastest 1-rank run."""
     same = [r for r in runs if r.dataset == run.dataset and r.layers == run.layers
-            and r.ranks == 1]
+            and r.ranks == 1 and not r.emulated]
     serial = [r for r in same if r.method == "serial"]
     single = [r for r in serial if int(r.attrs.get("blas_threads", 1)) <= 1]
     pool = single or serial or same
@@ -187,10 +215,11 @@ def compare(paths, target=None):
     rows = []
     for run in runs:
         base = baseline_of(run, runs)
-        su = base.wall / run.wall if base else None
+        su = base.wall / run.wall if base and not run.emulated else None
         per_iter = 1e3 * run.wall / run.iterations
         epoch_ms, slow = run.median_epoch_ms, run.slow_epoch_share
-        row = [os.path.basename(run.path), run.kind.split(" ×")[0], run.ranks, run.layers,
+        row = [os.path.basename(run.path), run.kind.split(" ×")[0],
+               f"{run.ranks} emulated" if run.emulated else run.ranks, run.layers,
                f"{100 * run.history['val_acc'][-1]:.2f}", f"{100 * run.history['val_acc'].max():.2f}",
                f"{run.wall:.2f}", f"{per_iter:.3f}",
                f"{su:.2f}" if su else "-", f"{su / run.ranks:.2f}" if su else "-",
@@ -200,9 +229,9 @@ def compare(paths, target=None):
             t = run.time_to(target)
             tb = base.time_to(target) if base else None
             row += [f"{t:.2f}" if t is not None else "never",
-                    f"{tb / t:.2f}" if t and tb else "-"]
+                    f"{tb / t:.2f}" if t and tb and not run.emulated else "-"]
         rows.append(row)
-    note = ("speed-up = baseline wall / wall, against the serial run of the same dataset and "
+    note = ("speed-up = baseline wall / wall (none for emulated ranks: their timings mean nothing), against the serial run of the same dataset and "
             "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; median-epoch "
             "ms/iter: from the median epoch's training time, which a slow spell of the "
             f"machine does not move; slow epochs: those over {SLOW_EPOCH:g}× the run's fast "

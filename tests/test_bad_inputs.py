@@ -56,6 +56,17 @@ CASES = {
     "rank above the state width": (["--set", "regression.rank=33"],
                                    "regression.rank = 33 is not allowed: at most the boundary "
                                    "state's width, 32 here"),
+    "negative monitor interval": (["--set", "monitor.every=-1"],
+                                  "monitor.every = -1 is not allowed; expected an integer >= 0"),
+    "monitor without predictions": (["--set", "monitor.every=5", "--set", "train.method=model-parallel"],
+                                    "monitor.every = 5 measures the error of pit's predicted "
+                                    "co-states; train.method = 'model-parallel' uses exact ones"),
+    "unknown regression target": (["--set", "regression.target=exact"],
+                                  "regression.target = 'exact' is not allowed; expected one of "
+                                  "'neighbour', 'relayed'"),
+    "relayed with a delay": (["--set", "regression.target=relayed", "--set", "regression.delay=2"],
+                             "regression.target = 'relayed' is not allowed with "
+                             "regression.delay = 2"),
     "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
     "override without =": (["--set", "justtext"], "expected section.key=value"),
     "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),

@@ -41,7 +41,11 @@ CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
          (2, "pit", ["--set", "coarse.levels=1"]),
          (2, "pit", ["--set", "regression.delay=1"]),
          (3, "pit", ["--set", "regression.delay=2", "--set", "regression.refit_every=4",
-                     "--set", "regression.features=per-class"])]
+                     "--set", "regression.features=per-class"]),
+         # relayed co-states (kept batches across the checkpoint) and the monitor's records
+         (4, "pit", ["--set", "regression.target=relayed", "--set", "monitor.every=5"]),
+         (3, "pit", ["--set", "regression.target=relayed", "--set", "coarse.warmup=wait",
+                     "--set", "regression.features=state"])]
 
 
 @pytest.mark.parametrize("size,method,extra", CASES)

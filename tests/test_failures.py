@@ -91,6 +91,19 @@ def test_coarse_phase_divergence_under_mpiexec_prints_no_numpy_warning(tmp_path)
     assert not out.exists()
 
 
+def test_emulate_under_mpiexec_is_bad_input(tmp_path):
+    out = tmp_path / "e.h5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    r = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-m", "pitmpi", "train", *BASE,
+                        "--emulate", "4", "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--emulate 4 runs its ranks as threads of one process, but this " \
+        "job has 2 MPI processes" in lines[0], r.stderr
+    assert not out.exists()
+
+
 def rank_pid(tag, rank, timeout=60):
     """PID of the MPI process with PMI_RANK=rank among those started with PITMPI_TEST_TAG=tag."""
     deadline = time.monotonic() + timeout

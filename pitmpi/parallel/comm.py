@@ -29,6 +29,7 @@ class Comm:
 
     rank = 0
     size = 1
+    emulated = False  # True: ranks are threads of one process (timings mean nothing)
 
     def __init__(self):
         self.wait_seconds = 0.0
@@ -188,6 +189,8 @@ class _ThreadWorld:
 class ThreadComm(Comm):
     """One rank of an emulated job; see :func:`run_emulated`."""
 
+    emulated = True
+
     def __init__(self, world, rank):
         super().__init__()
         self.world, self.rank, self.size = world, rank, world.size
@@ -270,7 +273,9 @@ class ThreadComm(Comm):
     def abort(self, code=1):
         self.world.aborted.set()
         self.world.barrier.abort()
-        raise EmulationAborted(f"emulated rank {self.rank} called abort({code})")
+        e = EmulationAborted(f"emulated rank {self.rank} called abort({code})")
+        e.code = code
+        raise e
 
 
 def run_emulated(size, fn, *args, timeout=600.0, **kwargs):

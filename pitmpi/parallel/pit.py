@@ -34,6 +34,7 @@ from .blocks import BlockTrainer
 from .coarse import coarse_phase
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
 from .methods import register
+from .monitor import CostateMonitor
 from .partition import regression_cost
 from .regression import CostateRegression, prediction_errors
 
@@ -47,6 +48,10 @@ def shared_coarse(cfg, size):
     """Whether every rank trains the coarse model (``coarse.parallel =
     "data-parallel"``), not rank 0 alone."""
     return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
+
+
+# a kept batch of regression.target = "relayed", as saved in a checkpoint
+LEDGER_FIELDS = ("ledger_x_in", "ledger_x_out", "ledger_y", "ledger_lam_hat")
 
 
 class _Alone:
@@ -90,6 +95,22 @@ class PitTrainer(BlockTrainer):
         self.state_request = None  # the Irecv of the next iteration's state
         self.pending = deque()  # [request, co-state, (x_out, y, Λ̂) or None, k] per batch sent right
         self.sends = deque()  # (request, buffer) of sends not yet completed
+        # regression.target = "relayed": exact co-states relayed back along kept states
+        self.relay = rg["target"] == "relayed" and comm.size > 1
+        if self.relay:
+            if self.delay:
+                raise ConfigError(f"regression.target = 'relayed' is not allowed with "
+                                  f"regression.delay = {self.delay}: the relay follows the "
+                                  "blocking schedule (set regression.delay = 0)")
+            # co-state messages carry [the block's own co-state, the relayed exact one]
+            self.lam_right = np.zeros((2, bs, sw), dtype=dt)
+            self.lam_pack = np.zeros((2, bs, sw), dtype=dt)
+            self.ledger = {}  # batch id -> (input state or None, x_out, y, Λ̂) of batches kept
+            a, b = self.layer_range()
+            middle = self.prev is not None and self.next is not None
+            self.relay_block = self.net.block(a, b, reuse=True) if middle else None
+        if cfg["monitor"]["every"] and comm.size > 1:
+            self.monitor = CostateMonitor(self, cfg["monitor"]["every"], n_iter)
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
@@ -157,6 +178,7 @@ class PitTrainer(BlockTrainer):
             ctx = blk.forward(self.params, inp)
             x_out = ctx.output
             self.check_finite("state at its right boundary", x_out, k, epoch)
+            kept_input = None if blk.first or not self.relay else np.array(inp)
             if blk.last:
                 lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y)
                 count = len(y)
@@ -170,11 +192,18 @@ class PitTrainer(BlockTrainer):
             loss = self.finish_step(grads, k, epoch, loss)
         x_send = x_out if x_out is not None else self.zeros
         lam_send = lam_in if lam_in is not None else self.zeros
+        if self.relay:
+            if x_out is not None and self.next is not None:
+                self.ledger[g] = (kept_input, x_out, y, lam_hat)
+            if self.prev is not None:
+                lam_send = self.pack_relayed(k, lam_send)
         if self.delay:
             self.exchange_async(k, g, x_send, lam_send)
         else:
             self.exchange(g, x_send, lam_send)
-            if self.next is not None and self.sent is not None and self.active(r + 1, k):
+            if self.relay:
+                self.learn_relayed(k)
+            elif self.next is not None and self.sent is not None and self.active(r + 1, k):
                 self.learn(k, *self.sent, self.lam_right)
         if self.next is not None:
             self.sent = (x_out, y, lam_hat) if x_out is not None else None
@@ -203,6 +232,46 @@ class PitTrainer(BlockTrainer):
         self.arrived += 1
         self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every))
         self.seconds["regression"] += time.perf_counter() - t
+
+    # regression.target = "relayed" -------------------------------------------
+    def relayed_batch(self, k, rank):
+        """The batch whose exact co-state rank ``rank`` sends left at iteration
+        ``k``: the last rank's own batch ``k − N + 1``, and one iteration
+        older for each rank further left (``k − 2N + 2 + rank``)."""
+        N = self.comm.size
+        return k - N + 1 if rank == N - 1 else k - 2 * N + 2 + rank
+
+    def pack_relayed(self, k, lam_in):
+        """This iteration's co-state message to the left: ``[λ_in, λ_relay]``,
+        shape (2, n, sw).  The last block's ``λ_in`` is exact and is its own
+        relay; a middle block carries the exact co-state that arrived last
+        iteration at its right end back through its layers, along the input
+        state it kept for that batch, with its current controls."""
+        self.lam_pack[0] = lam_in
+        if self.next is None:
+            self.lam_pack[1] = lam_in
+            return self.lam_pack
+        h = self.relayed_batch(k, self.comm.rank)
+        entry = self.ledger.get(h)
+        if entry is None or h < self.pipeline_start:  # not through the whole chain yet
+            self.lam_pack[1] = 0.0
+            return self.lam_pack
+        ctx = self.relay_block.forward(self.params, entry[0])
+        self.lam_pack[1], _, _ = self.relay_block.backward(self.params, ctx,
+                                                           lam_out=self.lam_right[1])
+        return self.lam_pack
+
+    def learn_relayed(self, k):
+        """Learn the pair of the batch whose exact co-state arrived from the
+        right this iteration; forget the batches no longer needed."""
+        if self.next is None:
+            return
+        h = self.relayed_batch(k, self.comm.rank + 1)
+        entry = self.ledger.get(h)
+        if entry is not None and h >= self.pipeline_start:
+            self.learn(k, entry[1], entry[2], entry[3], self.lam_right[1])
+        for old in [b for b in self.ledger if b < h]:  # h itself is relayed next iteration
+            del self.ledger[old]
 
     # non-blocking exchange (regression.delay = d > 0) ------------------------
     def incoming_state(self):
@@ -261,17 +330,22 @@ class PitTrainer(BlockTrainer):
         while self.sends:
             comm.wait(self.sends.popleft()[0])
 
+    def run_monitor(self, k):
+        self.drain()  # the sweep's messages must not meet the pipeline's
+        return super().run_monitor(k)
+
     def record_epoch(self, *args):
         self.drain()
         super().record_epoch(*args)
 
     def gather_extra_history(self, k_done):
         parts = self.comm.gather((self.mse[:k_done], self.rel[:k_done]))
+        monitored = self.monitor.history(k_done) if self.monitor is not None else {}
         if self.comm.rank != 0:
             return {}
         boundaries = parts[:-1]  # the last rank predicts nothing
-        return {name: np.array([p[i] for p in boundaries]).reshape(-1, k_done).T
-                for i, name in enumerate(("regression_mse", "regression_rel"))}
+        return {**{name: np.array([p[i] for p in boundaries]).reshape(-1, k_done).T
+                   for i, name in enumerate(("regression_mse", "regression_rel"))}, **monitored}
 
     # checkpoints ----------------------------------------------------------
     def method_state(self):
@@ -284,6 +358,14 @@ class PitTrainer(BlockTrainer):
                 state["sent_y"] = sent_y
         if self.warm_state is not None:
             state["warm_state"] = self.warm_state
+        if self.relay:
+            state["relay_in"] = self.lam_right[1].copy()
+            ids = sorted(self.ledger)
+            if ids:
+                state["ledger_ids"] = np.array(ids, dtype=np.int64)
+                for i, name in enumerate(LEDGER_FIELDS):
+                    if self.ledger[ids[0]][i] is not None:
+                        state[name] = np.stack([self.ledger[b][i] for b in ids])
         if self.pending:  # drained: co-states received, not learnt yet
             state["pending_k"] = np.array([e[3] for e in self.pending], dtype=np.int64)
             state["pending_lam"] = np.stack([e[1] for e in self.pending])
@@ -327,6 +409,11 @@ class PitTrainer(BlockTrainer):
             if "sent_x" in st:
                 self.sent = (st["sent_x"], st.get("sent_y"), st["sent_lam_hat"])
             self.warm_state = st.get("warm_state")
+            if self.relay and "relay_in" in st:
+                self.lam_right[1] = st["relay_in"]
+                for j, b in enumerate(st.get("ledger_ids", ())):
+                    self.ledger[int(b)] = tuple(np.array(st[name][j]) if name in st else None
+                                                for name in LEDGER_FIELDS)
             for i, k_done in enumerate(st.get("pending_k", ())):
                 pair = None
                 if st["pending_valid"][i]:
@@ -341,6 +428,10 @@ class PitTrainer(BlockTrainer):
             self.log.info("pit resumed from %s (%s on %d ranks) on %d ranks: parameters and "
                           "optimizer carried over; the pipeline refills, rank r waiting r "
                           "iterations", ckpt.path, ckpt.method, ckpt.ranks, self.comm.size)
+        if self.monitor is not None and not (
+                self.exact_resume and self.monitor.restore(ckpt.history, k0)):
+            self.log.info("monitor: records start at epoch %d (the checkpoint's were taken on "
+                          "another schedule or grid)", ckpt.epochs_done + 1)
 
 
 register("pit", PitTrainer)

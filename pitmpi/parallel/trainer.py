@@ -104,7 +104,12 @@ class Trainer:
         self.y_train = data.y_train
         self.x_val = self.features_in_dtype(data.x_val)
         self.y_val = data.y_val
-        self.seconds = {"regression": 0.0, "coarse": 0.0}
+        self.seconds = {"regression": 0.0, "coarse": 0.0, "monitor": 0.0}
+        self.monitor = None  # pit's exact-co-state monitor (monitor.every), set by the method
+        if cfg["monitor"]["every"] and self.method != "pit":
+            raise ConfigError(f"monitor.every = {cfg['monitor']['every']} measures the error of "
+                              f"pit's predicted co-states; train.method = {self.method!r} uses "
+                              "exact ones (set monitor.every = 0, or train.method = 'pit')")
         self.exact_resume = False
         self.last_checkpoint = 0  # epoch of the last complete checkpoint, and its file
         self.checkpoint_path = None
@@ -214,6 +219,7 @@ class Trainer:
         for epoch in range(first, self.epochs):
             t0 = time.perf_counter()
             correct = count = 0
+            monitored = 0.0  # seconds of the monitor's sweeps, not training
             for k in range(epoch * B, (epoch + 1) * B):
                 if k == fail_at:
                     raise RuntimeError(f"injected failure (PITMPI_FAIL_RANK) at iteration {k}")
@@ -221,7 +227,9 @@ class Trainer:
                 self.check_loss(k, epoch)
                 correct += c
                 count += n
-            epoch_seconds = time.perf_counter() - t0
+                if self.monitor is not None and self.monitor.due(k):
+                    monitored += self.run_monitor(k)
+            epoch_seconds = time.perf_counter() - t0 - monitored
             self.session_wall += epoch_seconds
             self.samples += B * self.batches.batch_size
             waited = comm.wait_seconds  # waits in evaluation and checkpoints are not training
@@ -234,6 +242,16 @@ class Trainer:
                     save(result)
             comm.wait_seconds = waited
         return self.snapshot(self.epochs)
+
+    def run_monitor(self, k):
+        """The monitor's measurement after iteration ``k``, its time and
+        waits kept out of training's; returns its seconds."""
+        t, waited = time.perf_counter(), self.comm.wait_seconds
+        self.monitor.measure(k)
+        self.comm.wait_seconds = waited
+        spent = time.perf_counter() - t
+        self.seconds["monitor"] += spent
+        return spent
 
     def layer_range(self):
         """The layers ``(a, b)`` this rank updates."""
@@ -339,6 +357,7 @@ class Trainer:
                   "rank_comm_wait": rt[:, 1], "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3],
                   "rank_peak_memory": rt[:, 4]}
         attrs = {"method": self.method, "ranks": comm.size, "dataset": self.data.name,
+                 "emulated": bool(getattr(comm, "emulated", False)),
                  "blas_threads": blas_threads(),
                  "samples": self.samples, "epochs_done": epochs_done,
                  "iterations_done": k_done, **attrs}

@@ -1,0 +1,158 @@
+"""pit at many ranks: the exact-co-state monitor, relayed co-states, --emulate."""
+import h5py
+import numpy as np
+import pytest
+
+from pitmpi import config, data
+from pitmpi.cli import main
+from pitmpi.io import read_result
+from pitmpi.parallel.comm import run_emulated
+from pitmpi.parallel.methods import make_trainer
+from pitmpi.parallel.monitor import flat
+from pitmpi.report import compare, summarise
+
+SWISS = data.swissroll()
+QUICK = ["model.layers=8", "coarse.iterations=20", "output.progress=false",
+         "train.weight_decay=0"]
+B = 16  # Swiss-roll batches per epoch (513 samples // 32)
+
+
+def trained(size, overrides):
+    """Each emulated rank's trainer after its run, and rank 0's result."""
+    cfg = config.load(None, QUICK + overrides)
+
+    def one(comm):
+        t = make_trainer(comm, cfg, SWISS)
+        return t, t.run()
+
+    out = run_emulated(size, one)
+    return [t for t, _ in out], out[0][1]
+
+
+def exact_chain(trainers, g):
+    """Batch ``g`` through the ranks' blocks serially: the state at each
+    boundary and the exact co-state there, and each block's forward."""
+    X, y = trainers[0].batch(g)
+    states, ctxs, inp = [], [], X
+    for t in trainers:
+        blk = t.net.block(*t.layer_range())
+        ctxs.append((blk, blk.forward(t.params, inp)))
+        inp = ctxs[-1][1].output
+        states.append(inp)
+    lams, lam = [None] * len(trainers), None
+    for i in range(len(trainers) - 1, -1, -1):
+        blk, ctx = ctxs[i]
+        lams[i] = lam
+        lam, _, _ = blk.backward(trainers[i].params, ctx, lam_out=lam, y=y)
+    return states, lams, ctxs, y
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_monitor_measures_the_exact_costates_and_gradients(size):
+    # one epoch, measured at its last iteration: the final controls and regressions
+    trainers, result = trained(size, ["train.epochs=1", f"monitor.every={B}"])
+    h = result.history
+    assert h["monitor_iteration"].tolist() == [B - 1]
+    assert h["monitor_costate_rel"].shape == (1, size - 1)
+    assert h["monitor_grad_cos"].shape == (1, size - 1)
+    states, lams, ctxs, y = exact_chain(trainers, B - 1)
+    exact_all = predicted_all = 0.0
+    dots = []
+    for r, t in enumerate(trainers):
+        blk, ctx = ctxs[r]
+        _, g_exact, _ = blk.backward(t.params, ctx, lam_out=lams[r], y=y)
+        g_exact = flat(g_exact)
+        if r < size - 1:
+            lam_hat = t.reg.predict(states[r], y)
+            rel = np.linalg.norm(lam_hat - lams[r]) / np.linalg.norm(lams[r])
+            np.testing.assert_allclose(h["monitor_costate_rel"][0, r], rel, rtol=1e-10)
+            _, g_hat, _ = blk.backward(t.params, ctx, lam_out=lam_hat)
+            g_hat = flat(g_hat)
+            cos = g_hat @ g_exact / np.sqrt((g_hat @ g_hat) * (g_exact @ g_exact))
+            np.testing.assert_allclose(h["monitor_grad_cos"][0, r], cos, rtol=1e-10)
+            assert 0.0 < rel and cos < 1.0 - 1e-6  # predictions, not the exact co-states
+        else:
+            g_hat = g_exact
+        dots.append((g_hat @ g_exact, g_hat @ g_hat, g_exact @ g_exact))
+    total = np.sum(dots, axis=0)
+    np.testing.assert_allclose(h["monitor_grad_cos_all"][0], total[0] / np.sqrt(total[1] * total[2]),
+                               rtol=1e-10)
+
+
+def test_monitor_changes_nothing_that_training_uses():
+    _, plain = trained(3, ["train.epochs=2"])
+    _, watched = trained(3, ["train.epochs=2", "monitor.every=5"])
+    assert len(watched.history["monitor_iteration"]) == 2 * B // 5
+    for k in plain.params:
+        np.testing.assert_array_equal(plain.params[k], watched.params[k], err_msg=k)
+    np.testing.assert_array_equal(plain.history["regression_rel"], watched.history["regression_rel"])
+
+
+def test_relayed_costates_are_the_exact_ones_of_their_batch(monkeypatch):
+    """With controls that do not move (lr 1e-300), the co-state that rank 0
+    learns from for batch h is the exact co-state of h at its boundary,
+    relayed back through the middle rank; the neighbour's is not."""
+    from pitmpi.parallel.pit import PitTrainer
+    learnt = []
+    original = PitTrainer.learn
+
+    def spy(self, k, x, y, lam_hat, lam):
+        if self.comm.rank == 0:
+            learnt.append((k, x.copy(), lam.copy()))
+        return original(self, k, x, y, lam_hat, lam)
+
+    monkeypatch.setattr(PitTrainer, "learn", spy)
+    size = 3
+    for target in ("relayed", "neighbour"):
+        learnt.clear()
+        trainers, _ = trained(size, ["train.epochs=1", "train.lr=1e-300",
+                                     f"regression.target={target}"])
+        lag = 2 * size - 3 if target == "relayed" else 1  # iterations from feeding to learning
+        assert len(learnt) == B - lag
+        errors = []
+        for k, x, lam in learnt:
+            states, lams, _, _ = exact_chain(trainers, k - lag)
+            np.testing.assert_array_equal(x, states[0])
+            errors.append(np.linalg.norm(lam - lams[0]) / np.linalg.norm(lams[0]))
+        if target == "relayed":
+            assert max(errors) < 1e-12
+        else:
+            assert min(errors) > 1e-3
+
+
+def test_relayed_on_two_ranks_is_the_neighbour_schedule():
+    _, a = trained(2, ["train.epochs=2"])
+    _, b = trained(2, ["train.epochs=2", "regression.target=relayed"])
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+def test_emulate_gives_the_threaded_run_and_says_so(tmp_path, capsys):
+    argv = ["train", "--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20",
+            "--set", "train.epochs=2", "--set", "monitor.every=8"]
+    emulated, threaded = tmp_path / "e.h5", tmp_path / "t.h5"
+    assert main(argv + ["--emulate", "3", "--out", str(emulated)]) == 0
+    assert run_emulated(3, lambda comm: main(argv + ["--out", str(threaded)], comm=comm)) == [0] * 3
+    attrs, pa, ha, _, _ = read_result(str(emulated))
+    _, pb, hb, _, _ = read_result(str(threaded))
+    assert attrs["ranks"] == 3 and attrs["emulated"]
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+    summary = summarise(str(emulated))
+    assert "3 emulated rank(s)" in summary and "exact-co-state monitor" in summary
+    serial = tmp_path / "s.h5"
+    assert main(argv[:-2] + ["--set", "train.method=serial", "--out", str(serial)]) == 0
+    row = [line for line in compare([str(serial), str(emulated)]).splitlines()
+           if line.startswith("e.h5")][0]
+    assert "3 emulated" in row and " - " in row  # no speed-up for emulated ranks
+    with h5py.File(serial) as f:
+        assert not f.attrs["emulated"]
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_emulate_needs_a_rank_count(tmp_path, capsys, n):
+    out = tmp_path / "x.h5"
+    assert main(["train", "--quiet", "--emulate", n, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--emulate {n} is not allowed" in err[0]
+    assert not out.exists()
