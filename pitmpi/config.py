@@ -84,6 +84,12 @@ SCHEMA = {
         "epochs": Key("int", 150, "passes over the training set", minimum=1),
         "batch_size": Key("int", 32, "samples per iteration", minimum=1),
         "lr": Key("float", 0.1, "learning rate", minimum=0.0, strict_min=True),
+        "lr_per": Key("str", "layer", "what train.lr steps: the controls of each ODE layer "
+                                      "with their own gradient (layer, the paper's plain SGD) "
+                                      "or per unit time, with the gradient divided by the step "
+                                      "h (time; the same lr then trains any depth); the opening "
+                                      "layer and classifier use their own gradient either way",
+                      choices=("time", "layer")),
         "momentum": Key("float", 0.9, "SGD momentum", minimum=0.0, maximum=0.999),
         "weight_decay": Key("float", 1e-4, "weight decay beta", minimum=0.0),
         "schedule": Key("str", "step", "learning-rate schedule",
@@ -93,6 +99,9 @@ SCHEMA = {
         "lr_step": Key("int", 100, "step schedule: epochs per step", minimum=1),
         "lr_decay_iters": Key("int", 1000, "inverse schedule: lr_k = lr / (1 + k / lr_decay_iters)",
                               minimum=1),
+        "lr_warmup": Key("float", 0.0, "epochs over which the learning rate rises linearly "
+                                       "from near 0 to its schedule's value (0: none)",
+                         minimum=0.0),
         "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
         "max_loss": Key("float", 100.0, "stop as diverged when a batch loss exceeds this "
                                         "(NaN or Inf anywhere always stops; 0: no loss limit)",
@@ -138,6 +147,17 @@ SCHEMA = {
                                           "iterations late at rank r, one more forward and "
                                           "backward per iteration on ranks 1..N-2)",
                        choices=("neighbour", "relayed")),
+        "relay_every": Key("int", 1, "with target = 'relayed': relay the exact co-states of "
+                                     "every k-th batch only (the extra sweep's cost divided by "
+                                     "k; the regression learns from those batches)", minimum=1),
+        "clip": Key("float", 0.0, "bound the predicted co-state of a batch to this many times "
+                                  "the running mean norm of the co-states that arrived at the "
+                                  "boundary (scaled down if larger; 0: no bound)", minimum=0.0),
+        "damping": Key("str", "none", "scale each block's learning rate by its trust in the "
+                                      "co-state predicted at its right end, 1 minus the running "
+                                      "mean relative error against the co-states that arrived "
+                                      "there (error), or not (none); the last block is exact",
+                       choices=("none", "error")),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
                                      "(per-class: the classes' refits spread over those k "
                                      "arrivals; pairs are always added)", minimum=1),

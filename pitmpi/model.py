@@ -325,12 +325,25 @@ class Block:
             grads[name] += np.multiply(p, f, out=tmp)
         return grads
 
-    def optimizer(self, params, momentum):
+    def step_scales(self, lr_per):
+        """Factor on each parameter's gradient in the update: ``1 / h`` for
+        the ODE layers' controls with ``lr_per = "time"`` (the gradient of
+        the continuous control ``U(t)``, so that a step moves the network's
+        function alike at any depth), None (all 1) with ``"layer"`` (the
+        paper's plain SGD on each layer's controls)."""
+        if lr_per == "layer":
+            return None
+        if lr_per != "time":
+            raise ValueError(f"lr_per = {lr_per!r}: expected 'time' or 'layer'")
+        return {name: 1.0 / self.net.h if name in LAYERS else 1.0 for name in self.param_names}
+
+    def optimizer(self, params, momentum, lr_per="layer"):
         """An :class:`~pitmpi.optim.SGD` for this block's ``params`` (moved
-        into its buffer) with the block's weight decay; with a reused
-        workspace the adjoint then writes the layers' and the opening layer's
-        gradients straight into the optimizer's gradient buffer."""
-        opt = SGD(params, momentum, self.decay_factors())
+        into its buffer) with the block's weight decay and step scales
+        (:meth:`step_scales`); with a reused workspace the adjoint then
+        writes the layers' and the opening layer's gradients straight into
+        the optimizer's gradient buffer."""
+        opt = SGD(params, momentum, self.decay_factors(), self.step_scales(lr_per))
         if self.ws is not None:
             for name, where in GRADIENT_SLOTS.items():
                 if name in opt.grads:

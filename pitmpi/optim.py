@@ -27,9 +27,14 @@ class SGD:
     decay : dict of str to float, optional
         Weight-decay factor ``β_p`` of each parameter (its gradient is
         ``β_p p`` and its loss term ``β_p p² / 2``); None: no weight decay.
+    scale : dict of str to float, optional
+        Factor ``s_p`` on each parameter's gradient (weight decay included)
+        before the momentum: ``v ← μ v + s_p (g + β_p p)``; ``1 / h`` on an
+        ODE layer's controls makes the step one per unit time
+        (``train.lr_per = "time"``).  None: 1 for all.
     """
 
-    def __init__(self, params, momentum, decay=None):
+    def __init__(self, params, momentum, decay=None, scale=None):
         self.momentum = float(momentum)
         dtypes = {v.dtype for v in params.values()}
         if len(dtypes) != 1:
@@ -55,11 +60,17 @@ class SGD:
         self.params = dict(params)
         self.grads = {name: self.view(self.grad_flat, name) for name in params}
         self.velocity = {name: self.view(self.velocity_flat, name) for name in params}
-        self.decay = None
-        if decay is not None:
-            self.decay = np.empty(end, dtype)
-            for name in params:
-                self.decay[self.slots[name][0]] = decay[name]
+        self.decay = self._per_parameter(decay, end, dtype)
+        self.scale = self._per_parameter(scale, end, dtype)
+
+    def _per_parameter(self, factors, size, dtype):
+        """A buffer holding each parameter's factor over its slots (None stays None)."""
+        if factors is None:
+            return None
+        out = np.empty(size, dtype)
+        for name, (where, _) in self.slots.items():
+            out[where] = factors[name]
+        return out
 
     def view(self, flat, name):
         """Parameter ``name``'s part of a buffer of this layout."""
@@ -111,6 +122,8 @@ class SGD:
             scaled = np.multiply(self.flat, self.decay, out=self._tmp)
             penalty = 0.5 * float(np.dot(scaled, self.flat))
             self.grad_flat += scaled
+        if self.scale is not None:
+            self.grad_flat *= self.scale
         v = self.velocity_flat
         v *= self.momentum
         v += self.grad_flat
@@ -125,25 +138,33 @@ class Schedule:
     - ``step``: ``η_k = η γ^⌊epoch / lr_step⌋``.
     - ``inverse``: ``η_k = η / (1 + k / τ)``; ``Σ η_k = ∞`` and ``Σ η_k² < ∞``,
       the step-size conditions of the paper's Theorem 4.2.
+
+    With ``warmup_iters = W > 0`` each is multiplied by ``min(1, (k + 1) / W)``.
     """
 
-    def __init__(self, kind, lr, gamma=0.1, step_epochs=10, decay_iters=1000):
+    def __init__(self, kind, lr, gamma=0.1, step_epochs=10, decay_iters=1000, warmup_iters=0):
         self.kind, self.lr, self.gamma = kind, float(lr), float(gamma)
         self.step_epochs, self.decay_iters = int(step_epochs), int(decay_iters)
+        self.warmup_iters = int(warmup_iters)
         if kind not in ("constant", "step", "inverse"):
             raise ValueError(f"unknown schedule {kind!r}")
 
     def __call__(self, k, epoch):
         if self.kind == "constant":
-            return self.lr
-        if self.kind == "step":
-            return self.lr * self.gamma ** (epoch // self.step_epochs)
-        return self.lr / (1.0 + k / self.decay_iters)
+            lr = self.lr
+        elif self.kind == "step":
+            lr = self.lr * self.gamma ** (epoch // self.step_epochs)
+        else:
+            lr = self.lr / (1.0 + k / self.decay_iters)
+        if k < self.warmup_iters:
+            lr *= (k + 1) / self.warmup_iters
+        return lr
 
     @classmethod
-    def from_config(cls, train):
+    def from_config(cls, train, per_epoch=1):
+        """The schedule of a ``[train]`` table; ``per_epoch`` iterations an epoch."""
         return cls(train["schedule"], train["lr"], train["lr_gamma"], train["lr_step"],
-                   train["lr_decay_iters"])
+                   train["lr_decay_iters"], round(train["lr_warmup"] * per_epoch))
 
 
 class BatchSchedule:

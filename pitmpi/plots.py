@@ -6,6 +6,9 @@ Needs matplotlib (``pip install 'pitmpi[plot]'``).  Figures written:
   validation accuracy against training time, one line per file;
 - ``regression_mse.png``: the co-state regression's MSE per boundary over
   the iterations (the paper's Figure 3), for ``pit`` runs;
+- ``monitor_<file>.png``: for ``pit`` runs with ``monitor.every``, the
+  predicted co-state's error against the exact one per boundary, and the
+  cosine of each block's gradient with the exact one, over the iterations;
 - ``time_per_rank.png``: compute / communication wait / regression / coarse
   phase seconds per rank of each file;
 - ``speedup_depth.png``: speed-up and efficiency against the number of
@@ -95,6 +98,28 @@ def write_plots(paths, folder):
                title="co-state prediction error (paper Fig. 3; moving mean over 1 % of the run)")
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         save(fig, "regression_mse.png")
+
+    watched = [r for r in runs if len(r.history.get("monitor_iteration", ()))]
+    for run in watched:
+        h = run.history
+        its = h["monitor_iteration"]
+        fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+        cmap = plt.get_cmap("viridis")
+        nb = h["monitor_costate_rel"].shape[1]
+        for j in range(nb):
+            color = cmap(j / max(nb - 1, 1))
+            ax[0].semilogy(its, h["monitor_costate_rel"][:, j], lw=0.9, color=color,
+                           label=f"boundary {j + 1}")
+            ax[1].plot(its, h["monitor_grad_cos"][:, j], lw=0.9, color=color, label=f"block {j}")
+        ax[1].plot(its, h["monitor_grad_cos_all"], "k-", lw=1.5, label="whole net")
+        ax[0].set(xlabel="iteration", ylabel="‖Λ̂ − Λ‖ / ‖Λ‖",
+                  title=f"predicted against exact co-states ({stem(run.path)}, {run.label})")
+        ax[1].set(xlabel="iteration", ylabel="cosine with the exact gradient", ylim=(-1.05, 1.05),
+                  title="gradient direction per block")
+        for a in ax:
+            a.grid(alpha=0.3)
+            a.legend(fontsize=6, ncol=2)
+        save(fig, f"monitor_{stem(run.path)}.png")
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * sum(r.ranks for r in runs)), 4.5))
     x, ticks = 0, []

@@ -104,6 +104,27 @@ class Run:
             return None
         return float(np.mean(per_epoch > SLOW_EPOCH * np.percentile(per_epoch, 10)))
 
+    def estimate(self, iterations=None):
+        """The cost model's seconds for ``iterations`` (default: all) of this
+        ``pit`` run on its critical path (coarse phase plus the busiest
+        block's iterations and the pipeline's fill), and for the same
+        iterations of the whole net on one rank: ``(pit, serial)``, or None
+        for other runs."""
+        a = self.attrs
+        if "estimate_iteration_seconds" not in a:
+            return None
+        k = self.iterations if iterations is None else iterations
+        pit = (float(a["estimate_coarse_seconds"])
+               + (k + self.ranks - 1) * float(a["estimate_iteration_seconds"]))
+        return pit, k * float(a["estimate_serial_iteration_seconds"])
+
+    def iterations_to(self, target):
+        """Iterations until the end of the first epoch whose validation
+        accuracy reached ``target`` (None: never)."""
+        acc = self.history.get("val_acc", np.array([]))
+        hit = np.flatnonzero(acc >= target)
+        return int((hit[0] + 1) * self.iterations // len(acc)) if hit.size else None
+
     def time_to(self, target):
         """Training seconds until validation accuracy first reached ``target`` (None: never)."""
         acc = self.history.get("val_acc", np.array([]))
@@ -170,6 +191,14 @@ def summarise(path):
         tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]
         lines.append("  regression ‖Λ̂−Λ‖/‖Λ̂‖ over the last 100 iterations, per boundary: "
                      + " ".join(f"{v:.3f}" for v in np.nanmean(tail, axis=0)))
+    est = run.estimate()
+    if est is not None:
+        a = run.attrs
+        lines.append(f"  estimate  (cost model, not measured) critical path {est[0]:.2f} s: coarse "
+                     f"phase {float(a['estimate_coarse_seconds']):.2f} s + {run.iterations} "
+                     f"iterations of {1e3 * float(a['estimate_iteration_seconds']):.3f} ms on the "
+                     f"busiest block; serial {est[1]:.2f} s; predicted speed-up "
+                     f"{est[1] / est[0]:.2f} on {run.ranks} ranks")
     lines.extend(monitor_lines(h))
     return "\n".join(lines)
 
@@ -205,13 +234,25 @@ def baseline_of(run, runs):
     return min(pool, key=lambda r: r.wall) if pool else None
 
 
+def estimated_speedup(run, base, target):
+    """The cost model's speed-up of ``run`` (a ``pit`` run) to ``target``
+    against the baseline's iterations to it, as text ("-" where it has no
+    estimate or either never gets there)."""
+    k = run.iterations_to(target)
+    kb = base.iterations_to(target) if base else None
+    est = run.estimate(k) if k else None
+    if est is None or not kb:
+        return "-"
+    return f"{run.estimate(kb)[1] / est[0]:.2f}"
+
+
 def compare(paths, target=None):
     """The comparison table of several output files."""
     runs = [load(p) for p in paths]
     header = ["file", "method", "ranks", "layers", "val %", "best %", "wall s", "ms/iter",
               "speed-up", "efficiency", "median-epoch ms/iter", "slow epochs %"]
     if target is not None:
-        header += [f"t({100 * target:g}%) s", "speed-up"]
+        header += [f"t({100 * target:g}%) s", "speed-up", "est. speed-up"]
     rows = []
     for run in runs:
         base = baseline_of(run, runs)
@@ -229,10 +270,13 @@ def compare(paths, target=None):
             t = run.time_to(target)
             tb = base.time_to(target) if base else None
             row += [f"{t:.2f}" if t is not None else "never",
-                    f"{tb / t:.2f}" if t and tb and not run.emulated else "-"]
+                    f"{tb / t:.2f}" if t and tb and not run.emulated else "-",
+                    estimated_speedup(run, base, target)]
         rows.append(row)
     note = ("speed-up = baseline wall / wall (none for emulated ranks: their timings mean nothing), against the serial run of the same dataset and "
-            "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; median-epoch "
+            "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; est. speed-up: the cost model's critical path "
+            "(coarse phase + the busiest block's iterations) against the serial iterations, "
+            "to the same target, an estimate without messages or machine noise; median-epoch "
             "ms/iter: from the median epoch's training time, which a slow spell of the "
             f"machine does not move; slow epochs: those over {SLOW_EPOCH:g}× the run's fast "
             "pace (its 10th-percentile epoch), slow spells of the machine")

@@ -140,6 +140,14 @@ def test_emulate_gives_the_threaded_run_and_says_so(tmp_path, capsys):
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
     summary = summarise(str(emulated))
     assert "3 emulated rank(s)" in summary and "exact-co-state monitor" in summary
+    assert "predicted speed-up" in summary  # the cost model's critical path
+    import matplotlib.image
+    from pitmpi.plots import write_plots
+    written = write_plots([str(emulated)], str(tmp_path / "fig"))
+    monitor_png = str(tmp_path / "fig" / "monitor_e.png")
+    assert monitor_png in written
+    img = matplotlib.image.imread(monitor_png)
+    assert img.shape[0] > 200 and np.ptp(img) > 0
     serial = tmp_path / "s.h5"
     assert main(argv[:-2] + ["--set", "train.method=serial", "--out", str(serial)]) == 0
     row = [line for line in compare([str(serial), str(emulated)]).splitlines()
@@ -156,3 +164,29 @@ def test_emulate_needs_a_rank_count(tmp_path, capsys, n):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--emulate {n} is not allowed" in err[0]
     assert not out.exists()
+
+
+def test_critical_path_and_the_relay_in_the_partition():
+    from pitmpi.model import ResNet
+    from pitmpi.parallel.partition import MATMUL_RATE, critical_path, layer_costs, partition
+    net = ResNet("verlet", 2, 16, 64, 2, T=5.0)
+    cfg = config.load(None, [])
+    costs = layer_costs(net, 32)
+    bounds = partition(costs, 4, 2)
+    est = critical_path(net, cfg, bounds, 600)
+    rate = MATMUL_RATE["float64"] * 1e6
+    blocks = [costs[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert est["serial_iteration"] == pytest.approx(costs.sum() * 32 / rate)
+    assert est["iteration"] == pytest.approx(max(blocks) * 32 / rate)
+    coarse = layer_costs(net.with_layers(32), 32).sum() * 32 / rate
+    assert est["coarse"] == pytest.approx(600 * coarse)
+    shared = critical_path(net, config.load(None, ["coarse.parallel=data-parallel"]), bounds, 600)
+    # a quarter of each batch per rank (each call's fixed cost spread over fewer rows)
+    assert shared["coarse"] == pytest.approx(
+        600 * layer_costs(net.with_layers(32), 8).sum() * 8 / rate)
+    assert shared["coarse"] < est["coarse"]
+    # relayed co-states: the middle blocks sweep their layers twice, so get fewer
+    relayed = partition(costs, 4, 2, middle_factor=1.0)
+    widths = np.diff(relayed)
+    assert widths[1] < widths[0] and widths[2] < widths[3]
+    assert critical_path(net, cfg, relayed, 600, middle_factor=1.0)["iteration"] > est["iteration"]

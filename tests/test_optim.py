@@ -102,3 +102,50 @@ def test_layout_does_not_depend_on_the_order_of_the_dict():
     np.testing.assert_array_equal(a.flat, b.flat)
     assert a.step(a.params, grads, 0.1) == b.step(b.params, grads, 0.1)
     np.testing.assert_array_equal(a.flat, b.flat)
+
+
+def test_lr_per_time_steps_ode_controls_by_their_gradient_over_h():
+    """train.lr_per = "time": ``v ← μ v + (g + βp) / h`` on K and b, the
+    plain gradient on the opening layer and classifier."""
+    net = ResNet("verlet", 3, 4, 8, 2, T=2.0, weight_decay=0.01)
+    blk = net.block(0, 8)
+    params = net.init_params(0)
+    X = np.random.default_rng(1).standard_normal((5, 3))
+    y = np.array([0, 1, 1, 0, 1])
+    _, grads = net.loss_and_grad(params, X, y)
+    moved = {}
+    for lr_per in ("layer", "time"):
+        p = blk.local_params(params)
+        opt = blk.optimizer(p, 0.9, lr_per)
+        before = {k: v.copy() for k, v in p.items()}
+        opt.step(p, {k: grads[k] - (0.01 * net.h * params[k] if k in ("K", "b") else
+                                    0.01 * params[k]) for k in p}, 0.1)
+        moved[lr_per] = {k: p[k] - before[k] for k in p}
+    for k in moved["layer"]:
+        factor = 1.0 / net.h if k in ("K", "b") else 1.0
+        np.testing.assert_allclose(moved["time"][k], factor * moved["layer"][k], rtol=1e-8,
+                                   err_msg=k)
+    assert net.h == 0.25
+
+
+def test_lr_per_time_moves_the_function_alike_at_any_depth():
+    """One step of the ODE layers' controls from a depth-independent start:
+    the per-unit-time step changes the loss by about the same at L = 16 and
+    128; the per-layer one by ~8x less."""
+    X = np.random.default_rng(2).standard_normal((64, 2))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)
+    change = {}
+    for lr_per in ("layer", "time"):
+        for L in (16, 128):
+            net = ResNet("euler", 2, 8, L, 2, T=1.0, weight_decay=0.0)
+            base = net.with_layers(1).init_params(0)
+            params = dict(base, K=np.repeat(base["K"], L, axis=0), b=np.repeat(base["b"], L, axis=0))
+            blk = net.block(0, L)
+            p = blk.local_params(params)
+            opt = blk.optimizer(p, 0.0, lr_per)
+            loss0, grads = net.loss_and_grad(params, X, y)
+            ode_only = {k: grads[k] if k in ("K", "b") else np.zeros_like(grads[k]) for k in p}
+            opt.step(p, ode_only, 1e-2 if lr_per == "time" else 1e-2 * 16)
+            change[lr_per, L] = loss0 - net.loss_and_grad(p, X, y)[0]
+    assert change["time", 128] == pytest.approx(change["time", 16], rel=0.05)
+    assert change["layer", 128] < 0.2 * change["layer", 16]

@@ -34,7 +34,9 @@ class BlockTrainer(Trainer):
         super().__init__(comm, cfg, data, log)
         self.costs = layer_costs(self.net, cfg["train"]["batch_size"])
         self.boundary_cost = self.regression_cost(cfg) if comm.size > 1 else 0.0
-        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost)
+        self.middle_factor = self.middle_cost(cfg) if comm.size > 2 else 0.0
+        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost,
+                                self.middle_factor)
         r = comm.rank
         self.block = self.net.block(self.bounds[r], self.bounds[r + 1], reuse=True)
         self.prev = r - 1 if r > 0 else None
@@ -50,6 +52,10 @@ class BlockTrainer(Trainer):
     def reads_features(cls, cfg, rank, size):
         return rank == 0  # the opening layer's; evaluation pipes the states on
 
+    def middle_cost(self, cfg):
+        """Extra cost of blocks 1..N−2, a fraction of their layers' (see partition)."""
+        return 0.0
+
     def regression_cost(self, cfg):
         """Extra per-sample cost of every block but the last (see partition)."""
         return 0.0
@@ -64,14 +70,15 @@ class BlockTrainer(Trainer):
     def use_local_params(self, params):
         """Start from this block's own parameters, with a fresh optimizer."""
         self.params = params
-        self.opt = self.block.optimizer(self.params, self.cfg["train"]["momentum"])
+        t = self.cfg["train"]
+        self.opt = self.block.optimizer(self.params, t["momentum"], t["lr_per"])
 
     def resume(self, ckpt):
         self.log_partition()
         super().resume(ckpt)
 
     def log_partition(self):
-        for line in describe(self.bounds, self.costs, self.boundary_cost):
+        for line in describe(self.bounds, self.costs, self.boundary_cost, self.middle_factor):
             self.log.info("  %s", line)
 
     def layer_range(self):

@@ -119,7 +119,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     blocks = [cnet.block(a, b, reuse=True) for a, b in zip(cbounds[:-1], cbounds[1:])]
     full = cnet.init_params(tr["seed"])
     local = [blk.local_params(full) for blk in blocks]
-    opts = [blk.optimizer(p, tr["momentum"]) for blk, p in zip(blocks, local)]
+    opts = [blk.optimizer(p, tr["momentum"], tr["lr_per"]) for blk, p in zip(blocks, local)]
     regs = [CostateRegression.from_config(net.state_width, net.n_classes, rg)
             for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch

@@ -56,7 +56,7 @@ class CostateMonitor:
         y = t.labels(g)
 
         def at_boundary(ctx, lam):
-            lam_hat = t.reg.predict(ctx.output, y)
+            lam_hat = t.bounded(t.reg.predict(ctx.output, y))  # what pit trains with
             self.rel[i] = np.linalg.norm(lam_hat - lam) / max(np.linalg.norm(lam), 1e-300)
             _, grads, _ = self.block.backward(t.params, ctx, lam_out=lam_hat)
             self.predicted = flat(grads)

@@ -117,7 +117,7 @@ def regression_cost(net, cfg, batch_size):
     return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 
-def partition(costs, ranks, grid=1, boundary_cost=0.0):
+def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0):
     """Split layers into ``ranks`` contiguous blocks with boundaries on multiples
     of ``grid``, with the largest block cost as small as possible.
 
@@ -128,6 +128,10 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0):
     grid : int
     boundary_cost : float
         Extra cost of every block but the last (``pit``'s regression).
+    middle_factor : float
+        Blocks 1..N−2 cost ``1 + middle_factor`` times their layers
+        (``pit``'s relayed co-states sweep them again for a share of the
+        batches).
 
     Returns
     -------
@@ -148,36 +152,85 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0):
     lo, hi = float(cell_costs.max()), float(cell_costs.sum()) + boundary_cost
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if len(_greedy(cell_costs, ranks, mid, boundary_cost)) <= ranks + 1:
+        if len(_greedy(cell_costs, ranks, mid, boundary_cost, middle_factor)) <= ranks + 1:
             hi = mid
         else:
             lo = mid
-    bounds = _greedy(cell_costs, ranks, hi, boundary_cost)
+    bounds = _greedy(cell_costs, ranks, hi, boundary_cost, middle_factor)
     return np.array(bounds, dtype=np.int64) * grid
 
 
-def _greedy(cell_costs, ranks, cap, boundary_cost=0.0):
+def _greedy(cell_costs, ranks, cap, boundary_cost=0.0, middle_factor=0.0):
     """Boundaries (in cells) filling blocks left to right up to ``cap``, leaving
     at least one cell for each block still to come; every block but the last
-    starts with ``boundary_cost``."""
+    starts with ``boundary_cost``, and the middle ones' cells weigh
+    ``1 + middle_factor``."""
     cells = len(cell_costs)
     start = lambda nb: boundary_cost if nb < ranks else 0.0  # nb: blocks opened so far
+    weight = lambda nb: 1.0 + middle_factor if 1 < nb < ranks else 1.0
     bounds = [0]
     load = start(1)
     for i, c in enumerate(cell_costs):
         must_close = cells - i == ranks - len(bounds)  # exactly one cell per later block
-        if i > bounds[-1] and (load + c > cap * (1 + 1e-12) or must_close):
+        c_here = c * weight(len(bounds))
+        if i > bounds[-1] and (load + c_here > cap * (1 + 1e-12) or must_close):
             bounds.append(i)
             load = start(len(bounds))
-        load += c
+            c_here = c * weight(len(bounds))
+        load += c_here
     bounds.append(cells)
     return bounds
 
 
-def describe(bounds, costs, boundary_cost=0.0):
+def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle_factor=0.0):
+    """The cost model's estimate of a ``pit`` run's critical path, in seconds
+    at the model's matrix rate (an estimate: no messages, no machine noise).
+
+    Parameters
+    ----------
+    net : ResNet
+        The fine network.
+    cfg : dict
+        Resolved configuration (batch size, coarse phase).
+    bounds : ndarray of int, shape (N + 1,)
+    coarse_iterations : int
+        Iterations of the coarse phase (0: none).
+    boundary_cost : float
+        Per-sample regression cost of every block but the last.
+    middle_factor : float
+        As for :func:`partition`.
+
+    Returns
+    -------
+    dict
+        ``serial_iteration``: one iteration of the whole net on one rank;
+        ``iteration``: one pipeline iteration, set by the busiest block;
+        ``coarse``: the coarse phase (on rank 0, or shared by all ranks).
+    """
+    n = cfg["train"]["batch_size"]
+    rate = MATMUL_RATE.get(net.dtype_name, 2.0e4) * 1e6  # multiply-adds per second
+    costs = layer_costs(net, n)
+    N = len(bounds) - 1
+    blocks = []
+    for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        own = costs[a:b].sum()
+        blocks.append(own + (boundary_cost if r < N - 1 else 0.0)
+                      + (own * middle_factor if 0 < r < N - 1 else 0.0))
+    co = cfg["coarse"]
+    coarse = 0.0
+    if coarse_iterations:
+        rows = -(-n // N) if co["parallel"] == "data-parallel" else n
+        cnet = net.with_layers(net.layers // co["factor"])
+        coarse = coarse_iterations * layer_costs(cnet, rows).sum() * rows / rate
+    return {"serial_iteration": costs.sum() * n / rate, "iteration": max(blocks) * n / rate,
+            "coarse": coarse}
+
+
+def describe(bounds, costs, boundary_cost=0.0, middle_factor=0.0):
     """One line per rank: layer range and share of the estimated cost."""
     N = len(bounds) - 1
-    block = [costs[a:b].sum() + (boundary_cost if r < N - 1 else 0.0)
+    block = [costs[a:b].sum() * (1.0 + middle_factor if 0 < r < N - 1 else 1.0)
+             + (boundary_cost if r < N - 1 else 0.0)
              for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     total = sum(block)
     return [f"rank {r}: layers [{a}, {b})  {100 * c / total:.1f}% of the estimated cost"

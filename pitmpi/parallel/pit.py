@@ -35,7 +35,7 @@ from .coarse import coarse_phase
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
-from .partition import regression_cost
+from .partition import critical_path, regression_cost
 from .regression import CostateRegression, prediction_errors
 
 
@@ -49,6 +49,8 @@ def shared_coarse(cfg, size):
     "data-parallel"``), not rank 0 alone."""
     return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
 
+
+NORM_MEMORY = 0.9  # weight of the past in the running mean norm of regression.clip
 
 # a kept batch of regression.target = "relayed", as saved in a checkpoint
 LEDGER_FIELDS = ("ledger_x_in", "ledger_x_out", "ledger_y", "ledger_lam_hat")
@@ -89,6 +91,11 @@ class PitTrainer(BlockTrainer):
         self.arrived = 0  # co-states received so far
         self.pipeline_start = 0  # iteration at which rank 0 fed the pipeline's first batch
         self.refit_every = rg["refit_every"]
+        self.clip = rg["clip"]
+        # regression.damping = "error": running mean error of this boundary's predictions
+        self.damping = rg["damping"] == "error" and self.next is not None
+        self.pred_error = 1.0  # no trust before the first co-state arrives
+        self.lam_norm = None  # running mean norm of arrived co-states (regression.clip)
         # regression.delay > 0: non-blocking exchange (see exchange_async)
         self.delay = rg["delay"]
         self.state_bufs = [self.x_in, np.zeros_like(self.x_in)]
@@ -97,6 +104,7 @@ class PitTrainer(BlockTrainer):
         self.sends = deque()  # (request, buffer) of sends not yet completed
         # regression.target = "relayed": exact co-states relayed back along kept states
         self.relay = rg["target"] == "relayed" and comm.size > 1
+        self.relay_every = rg["relay_every"]
         if self.relay:
             if self.delay:
                 raise ConfigError(f"regression.target = 'relayed' is not allowed with "
@@ -115,6 +123,10 @@ class PitTrainer(BlockTrainer):
     @classmethod
     def reads_features(cls, cfg, rank, size):
         return rank == 0 or shared_coarse(cfg, size)  # shared: every rank takes rows of each batch
+
+    def middle_cost(self, cfg):
+        rg = cfg["regression"]
+        return 1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0
 
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
@@ -184,7 +196,7 @@ class PitTrainer(BlockTrainer):
                 count = len(y)
             else:
                 t = time.perf_counter()
-                lam_hat = self.reg.predict(x_out, y)
+                lam_hat = self.bounded(self.reg.predict(x_out, y))
                 self.seconds["regression"] += time.perf_counter() - t
                 lam_in, grads, _ = blk.backward(self.params, ctx, lam_out=lam_hat)
             if lam_in is not None:
@@ -223,6 +235,25 @@ class PitTrainer(BlockTrainer):
             if call[1] is not None:
                 self.comm.sendrecv(*call)
 
+    def finish_step(self, grads, k, epoch, loss):
+        """As for every block, with ``regression.damping = "error"`` the
+        learning rate scaled by ``1 − e``, ``e`` the running mean error of
+        this block's predicted co-states (in [0, 1])."""
+        lr = self.lr(k, epoch)
+        if self.damping:
+            lr *= 1.0 - self.pred_error
+        return loss + self.opt.step(self.params, grads, lr)
+
+    def bounded(self, lam_hat):
+        """``Λ̂`` scaled down to ``regression.clip`` times the running mean
+        norm of the arrived co-states, if above it (in place)."""
+        if self.clip and self.lam_norm is not None:
+            cap = self.clip * self.lam_norm
+            norm = float(np.linalg.norm(lam_hat))
+            if norm > cap:
+                lam_hat *= cap / norm
+        return lam_hat
+
     def learn(self, k, x, y, lam_hat, lam):
         """The co-state ``lam`` computed at iteration ``k`` for the state ``x``
         sent one iteration earlier: record the prediction error, add the
@@ -230,6 +261,13 @@ class PitTrainer(BlockTrainer):
         t = time.perf_counter()
         self.mse[k], self.rel[k] = prediction_errors(lam_hat, lam)
         self.arrived += 1
+        if self.damping:
+            self.pred_error = (NORM_MEMORY * self.pred_error
+                               + (1.0 - NORM_MEMORY) * min(float(self.rel[k]), 1.0))
+        if self.clip:
+            norm = float(np.linalg.norm(lam))
+            self.lam_norm = norm if self.lam_norm is None else (
+                NORM_MEMORY * self.lam_norm + (1.0 - NORM_MEMORY) * norm)
         self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every))
         self.seconds["regression"] += time.perf_counter() - t
 
@@ -240,6 +278,11 @@ class PitTrainer(BlockTrainer):
         older for each rank further left (``k − 2N + 2 + rank``)."""
         N = self.comm.size
         return k - N + 1 if rank == N - 1 else k - 2 * N + 2 + rank
+
+    def relays(self, h):
+        """Whether batch ``h``'s exact co-state is relayed: every
+        ``regression.relay_every``-th batch that went through the whole chain."""
+        return h >= self.pipeline_start and h % self.relay_every == 0
 
     def pack_relayed(self, k, lam_in):
         """This iteration's co-state message to the left: ``[λ_in, λ_relay]``,
@@ -253,7 +296,7 @@ class PitTrainer(BlockTrainer):
             return self.lam_pack
         h = self.relayed_batch(k, self.comm.rank)
         entry = self.ledger.get(h)
-        if entry is None or h < self.pipeline_start:  # not through the whole chain yet
+        if entry is None or not self.relays(h):
             self.lam_pack[1] = 0.0
             return self.lam_pack
         ctx = self.relay_block.forward(self.params, entry[0])
@@ -268,7 +311,7 @@ class PitTrainer(BlockTrainer):
             return
         h = self.relayed_batch(k, self.comm.rank + 1)
         entry = self.ledger.get(h)
-        if entry is not None and h >= self.pipeline_start:
+        if entry is not None and self.relays(h):
             self.learn(k, entry[1], entry[2], entry[3], self.lam_right[1])
         for old in [b for b in self.ledger if b < h]:  # h itself is relayed next iteration
             del self.ledger[old]
@@ -338,6 +381,17 @@ class PitTrainer(BlockTrainer):
         self.drain()
         super().record_epoch(*args)
 
+    def result_extra(self):
+        """Besides the partition, the cost model's critical path (seconds;
+        an estimate that predicts the speed-up without the machine)."""
+        extra, attrs = super().result_extra()
+        co = self.cfg["coarse"]
+        iterations = (co["iterations"] or self.batches.per_epoch) if self.two_level else 0
+        est = critical_path(self.net, self.cfg, self.bounds, iterations, self.boundary_cost,
+                            self.middle_factor)
+        attrs.update({f"estimate_{k}_seconds": v for k, v in est.items()})
+        return extra, attrs
+
     def gather_extra_history(self, k_done):
         parts = self.comm.gather((self.mse[:k_done], self.rel[:k_done]))
         monitored = self.monitor.history(k_done) if self.monitor is not None else {}
@@ -358,6 +412,10 @@ class PitTrainer(BlockTrainer):
                 state["sent_y"] = sent_y
         if self.warm_state is not None:
             state["warm_state"] = self.warm_state
+        if self.lam_norm is not None:
+            state["lam_norm"] = np.float64(self.lam_norm)
+        if self.damping:
+            state["pred_error"] = np.float64(self.pred_error)
         if self.relay:
             state["relay_in"] = self.lam_right[1].copy()
             ids = sorted(self.ledger)
@@ -409,6 +467,9 @@ class PitTrainer(BlockTrainer):
             if "sent_x" in st:
                 self.sent = (st["sent_x"], st.get("sent_y"), st["sent_lam_hat"])
             self.warm_state = st.get("warm_state")
+            self.lam_norm = float(st["lam_norm"]) if "lam_norm" in st else None
+            if self.damping and "pred_error" in st:
+                self.pred_error = float(st["pred_error"])
             if self.relay and "relay_in" in st:
                 self.lam_right[1] = st["relay_in"]
                 for j, b in enumerate(st.get("ledger_ids", ())):

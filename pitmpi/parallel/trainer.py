@@ -98,7 +98,7 @@ class Trainer:
             self.batches = BatchSchedule(len(data.y_train), t["batch_size"], t["seed"])
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.lr = Schedule.from_config(t)
+        self.lr = Schedule.from_config(t, self.batches.per_epoch)
         self.epochs = t["epochs"]
         self.x_train = self.features_in_dtype(data.x_train)
         self.y_train = data.y_train
@@ -148,7 +148,8 @@ class Trainer:
     def start(self, params, velocity=None):
         """Take this rank's share of full ``params`` (and optimizer ``velocity``)."""
         self.params = self.local_copy(params)
-        self.opt = self.block.optimizer(self.params, self.cfg["train"]["momentum"])
+        t = self.cfg["train"]
+        self.opt = self.block.optimizer(self.params, t["momentum"], t["lr_per"])
         if velocity is not None:
             self.opt.load_velocity(self.local_copy(velocity))
 
