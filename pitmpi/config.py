@@ -1,8 +1,8 @@
 """Run configuration: TOML files, ``--set section.key=value`` overrides, checks.
 
 The schema below is the single source of truth for keys, types, defaults and
-allowed values; README's table is generated from the same descriptions
-(``python -m pitmpi config --help-keys``).  Unknown sections or keys and bad
+allowed values; ``python -m pitmpi keys`` prints it and the documentation's
+configuration reference is generated from it (``docs/conf.py``).  Unknown sections or keys and bad
 values raise :class:`ConfigError` naming the key and what is allowed.
 """
 import math
@@ -83,8 +83,8 @@ SCHEMA = {
         "method": Key("str", "pit", "training method", choices=METHODS),
         "epochs": Key("int", 150, "passes over the training set", minimum=1),
         "batch_size": Key("int", 32, "samples per iteration", minimum=1),
-        "lr": Key("float", 0.1, "learning rate", minimum=0.0, strict_min=True),
-        "lr_per": Key("str", "layer", "what train.lr steps: the controls of each ODE layer "
+        "lr": Key("float", 0.03, "learning rate (see lr_per)", minimum=0.0, strict_min=True),
+        "lr_per": Key("str", "time", "what train.lr steps: the controls of each ODE layer "
                                       "with their own gradient (layer, the paper's plain SGD) "
                                       "or per unit time, with the gradient divided by the step "
                                       "h (time; the same lr then trains any depth); the opening "
