@@ -54,7 +54,7 @@ def build_parser():
 
 def add_train_arguments(t):
     t.add_argument("config", nargs="?", metavar="CONFIG.toml",
-                   help="TOML config (sections data, model, train, coarse, regression, output)")
+                   help="TOML config (sections data, model, train, coarse, regression, monitor, output)")
     t.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="SECTION.KEY=VALUE", help="override one key (repeatable)")
     t.add_argument("--out", metavar="PATH.h5", help="output file (same as --set output.path=...)")

@@ -114,8 +114,3 @@ def test_several_ranks_share_the_cores_among_their_blas_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
     assert share_cores(FourRanksHere(), log) is None
 
-
-def test_readme_lists_every_key_as_the_schema_describes_it():
-    from pitmpi import config
-    from .conftest import REPO
-    assert config.describe() in (REPO / "README.md").read_text()
