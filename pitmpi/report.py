@@ -211,15 +211,16 @@ def monitor_lines(h, rows=5):
         return []
     picks = sorted(set(np.linspace(0, len(its) - 1, min(rows, len(its))).round().astype(int)))
     rel, cos = h["monitor_costate_rel"], h["monitor_grad_cos"]
-    nb = rel.shape[1]
-    header = (["iteration"] + [f"‖Λ̂−Λ‖/‖Λ‖ s{b + 1}" for b in range(nb)]
-              + [f"cos blk{b}" for b in range(nb)] + ["cos all"])
-    body = [[str(int(its[i]))] + [f"{v:.3f}" for v in rel[i]] + [f"{v:.3f}" for v in cos[i]]
-            + [f"{h['monitor_grad_cos_all'][i]:.3f}"] for i in picks]
-    out = ["  exact-co-state monitor: predicted co-state at each boundary against the exact "
-           "one, and cosine of each block's gradient (and the whole net's) with the exact "
-           "gradient:"]
-    out.extend("    " + s for s in table(header, body).splitlines())
+    header = ["at iteration"] + [str(int(its[i])) for i in picks] + ["mean"]
+    body = []
+    for name, values in ([(f"‖Λ̂−Λ‖/‖Λ‖ at s{b + 1}", rel[:, b]) for b in range(rel.shape[1])]
+                         + [(f"cosine, block {b}", cos[:, b]) for b in range(cos.shape[1])]
+                         + [("cosine, whole net", h["monitor_grad_cos_all"])]):
+        body.append([name] + [f"{values[i]:.3f}" for i in picks] + [f"{np.nanmean(values):.3f}"])
+    out = ["  exact-co-state monitor: each boundary's predicted co-state against the exact "
+           "one, and the cosine of each block's gradient (and the whole net's) with the "
+           "exact gradient:"]
+    out.extend("    " + line for line in table(header, body).splitlines())
     return out
 
 
