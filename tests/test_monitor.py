@@ -190,3 +190,13 @@ def test_critical_path_and_the_relay_in_the_partition():
     widths = np.diff(relayed)
     assert widths[1] < widths[0] and widths[2] < widths[3]
     assert critical_path(net, cfg, relayed, 600, middle_factor=1.0)["iteration"] > est["iteration"]
+
+
+def test_emulated_divergence_exits_with_its_code(tmp_path, capsys):
+    out = tmp_path / "d.h5"
+    # the last rank's batch loss is over the limit at once; rank 0 is stopped by its abort
+    assert main(["train", "--quiet", "--emulate", "2", "--set", "model.layers=8",
+                 "--set", "coarse.levels=1", "--set", "train.max_loss=0.01",
+                 "--out", str(out)]) == 3
+    assert "training diverged on rank 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -310,8 +310,11 @@ def run_emulated(size, fn, *args, timeout=600.0, **kwargs):
     for t in threads:
         t.join()
     primary = [e for e in errors if e is not None and not isinstance(e, EmulationAborted)]
-    if primary or any(errors):
-        raise (primary or [e for e in errors if e is not None])[0]
+    # an abort(code) before the ranks it stopped, so that its exit code is the job's
+    aborts = sorted((e for e in errors if isinstance(e, EmulationAborted)),
+                    key=lambda e: getattr(e, "code", None) is None)
+    if primary or aborts:
+        raise (primary or aborts)[0]
     return results
 
 
