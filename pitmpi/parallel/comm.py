@@ -31,8 +31,19 @@ class Comm:
     size = 1
     emulated = False  # True: ranks are threads of one process (timings mean nothing)
 
-    def __init__(self):
-        self.wait_seconds = 0.0
+    def __init__(self, clock=None):
+        # one wait clock per process, shared with the communicators split from this one
+        self._clock = clock if clock is not None else [0.0]
+
+    @property
+    def wait_seconds(self):
+        """Seconds this process has spent inside communication calls, on this
+        communicator and every one split from it (settable)."""
+        return self._clock[0]
+
+    @wait_seconds.setter
+    def wait_seconds(self, value):
+        self._clock[0] = value
 
     def _timed(self, fn, *args):
         t = time.perf_counter()
@@ -86,6 +97,18 @@ class Comm:
     def barrier(self):
         return self._timed(self._barrier)
 
+    def split(self, color, key=0):
+        """Collective: the communicator of the ranks that give the same
+        ``color``, ranked by ``(key, rank)`` (MPI's ``Comm_split``).  Its
+        messages never meet this communicator's, its waits count in the same
+        clock, and a failure on any rank still ends the whole job."""
+        return self._timed(self._split, color, key)
+
+    def dup(self):
+        """Collective: a copy of this communicator whose messages never meet
+        this one's (e.g. a monitor's sweep beside the pipeline's messages)."""
+        return self.split(0, self.rank)
+
     def local_size(self):
         """How many ranks of this job share this rank's node (collective)."""
         return 1
@@ -99,8 +122,8 @@ class MPIComm(Comm):
     comm : mpi4py.MPI.Comm
     """
 
-    def __init__(self, comm):
-        super().__init__()
+    def __init__(self, comm, clock=None):
+        super().__init__(clock)
         from mpi4py import MPI  # only here: kernels and trainers never import MPI
         self._MPI = MPI
         self.comm = comm
@@ -148,6 +171,9 @@ class MPIComm(Comm):
     def _barrier(self):
         self.comm.Barrier()
 
+    def _split(self, color, key):
+        return MPIComm(self.comm.Split(color, key), self._clock)
+
     def abort(self, code=1):
         self.comm.Abort(code)
 
@@ -163,17 +189,39 @@ class EmulationAborted(RuntimeError):
     """Raised in an emulated rank when another emulated rank has failed."""
 
 
-class _ThreadWorld:
-    """Shared mailboxes and collectives of one emulated job."""
+class _ThreadJob:
+    """What every communicator of one emulated job shares: whether it was
+    aborted, and every barrier that an abort must break."""
 
-    def __init__(self, size, timeout):
+    def __init__(self):
+        self.aborted = threading.Event()
+        self.lock = threading.Lock()
+        self.barriers = []
+
+    def add(self, barrier):
+        with self.lock:
+            self.barriers.append(barrier)
+
+    def abort(self):
+        self.aborted.set()
+        with self.lock:
+            for barrier in self.barriers:
+                barrier.abort()
+
+
+class _ThreadWorld:
+    """Shared mailboxes and collectives of one emulated communicator."""
+
+    def __init__(self, size, timeout, job=None):
         self.size = size
         self.timeout = timeout
-        self.aborted = threading.Event()
+        self.job = job if job is not None else _ThreadJob()
+        self.aborted = self.job.aborted
         self.lock = threading.Lock()
         self.boxes = {}
         self.slots = [None] * size
         self.barrier = threading.Barrier(size)
+        self.job.add(self.barrier)
 
     def box(self, src, dst, tag):
         with self.lock:
@@ -191,8 +239,8 @@ class ThreadComm(Comm):
 
     emulated = True
 
-    def __init__(self, world, rank):
-        super().__init__()
+    def __init__(self, world, rank, clock=None):
+        super().__init__(clock)
         self.world, self.rank, self.size = world, rank, world.size
 
     def _send(self, buf, dest, tag):
@@ -267,12 +315,30 @@ class ThreadComm(Comm):
     def _barrier(self):
         self.world.sync()
 
+    def _share(self, obj):
+        """Every rank's ``obj`` itself (not a copy): for setting up shared state."""
+        w = self.world
+        w.sync()
+        w.slots[self.rank] = obj
+        w.sync()
+        out = list(w.slots)
+        w.sync()
+        return out
+
+    def _split(self, color, key):
+        members = self._share((color, key, self.rank))
+        group = sorted((k, r) for c, k, r in members if c == color)
+        new_rank = [r for _, r in group].index(self.rank)
+        # the group's first rank makes its world; everyone picks up their group's
+        world = _ThreadWorld(len(group), self.world.timeout, self.world.job) if new_rank == 0 else None
+        worlds = self._share(world)
+        return ThreadComm(worlds[group[0][1]], new_rank, self._clock)
+
     def local_size(self):
         return self.size  # threads of one process
 
     def abort(self, code=1):
-        self.world.aborted.set()
-        self.world.barrier.abort()
+        self.world.job.abort()
         e = EmulationAborted(f"emulated rank {self.rank} called abort({code})")
         e.code = code
         raise e
@@ -301,8 +367,7 @@ def run_emulated(size, fn, *args, timeout=600.0, **kwargs):
             results[r] = fn(ThreadComm(world, r), *args, **kwargs)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors[r] = e
-            world.aborted.set()
-            world.barrier.abort()
+            world.job.abort()
 
     threads = [threading.Thread(target=target, args=(r,), name=f"rank{r}") for r in range(size)]
     for t in threads:

@@ -153,3 +153,18 @@ def test_pit_reaches_serial_accuracy_on_the_swiss_roll():
         ref = run_emulated(1, lambda c: make_trainer(c, scfg, data.swissroll()).run())[0]
         assert res.history["val_acc"][-1] >= ref.history["val_acc"][-1] - 0.005, \
             (res.history["val_acc"][-1], ref.history["val_acc"][-1])
+
+
+@pytest.mark.mpi(min_size=1)
+def test_split_and_dup_match_the_emulated_communicators():
+    """MPI's Comm_split gives what the thread communicator's split gives."""
+    def body(comm):
+        child = comm.split(comm.rank % 2, -comm.rank)
+        buf = np.array([float(comm.rank + 1)])
+        child.allreduce_sum(buf)
+        twin = comm.dup()
+        return child.rank, child.size, float(buf[0]), twin.allgather(comm.rank)
+
+    mine = body(world())
+    expected = run_emulated(world().size, body)[world().rank]
+    assert mine == expected

@@ -1,0 +1,85 @@
+"""Communicators that split (DESIGN §11.1): child communicators on emulated
+ranks, with their own ranks and mailboxes, one wait clock, one abort."""
+import time
+
+import numpy as np
+import pytest
+
+from pitmpi.parallel.comm import EmulationAborted, run_emulated
+
+
+def test_split_groups_ranks_by_color_and_orders_them_by_key():
+    def body(comm):
+        # 6 ranks as 3 blocks x 2 replicas: replica groups by block, chains by replica
+        block, replica = divmod(comm.rank, 2)
+        group = comm.split(block, replica)
+        chain = comm.split(replica, block)
+        rev = comm.split(0, -comm.rank)
+        buf = np.array([float(comm.rank)])
+        group.allreduce_sum(buf)
+        return (group.rank, group.size, chain.rank, chain.size, float(buf[0]), rev.rank,
+                chain.allgather(comm.rank))
+
+    out = run_emulated(6, body)
+    for r, (g_rank, g_size, c_rank, c_size, total, rev_rank, chain_members) in enumerate(out):
+        block, replica = divmod(r, 2)
+        assert (g_rank, g_size) == (replica, 2) and (c_rank, c_size) == (block, 3)
+        assert total == sum(range(2 * block, 2 * block + 2))  # summed within the group only
+        assert rev_rank == 5 - r
+        assert chain_members == [replica, replica + 2, replica + 4]
+
+
+def test_a_split_communicators_messages_never_meet_the_parents():
+    def body(comm):
+        child = comm.dup()
+        peer = 1 - comm.rank
+        a, b = np.array([10.0 + comm.rank]), np.array([20.0 + comm.rank])
+        got_a, got_b = np.empty(1), np.empty(1)
+        # the same tag on both: each receive gets its own communicator's message
+        comm.send(a, peer, 7)
+        child.send(b, peer, 7)
+        child.recv(got_b, peer, 7)
+        comm.recv(got_a, peer, 7)
+        return float(got_a[0]), float(got_b[0])
+
+    assert run_emulated(2, body) == [(11.0, 21.0), (10.0, 20.0)]
+
+
+def test_waits_on_a_split_communicator_count_in_the_same_clock():
+    def body(comm):
+        comm.wait_seconds = 0.0
+        child = comm.split(comm.rank % 2)
+        if comm.rank == 1:
+            time.sleep(0.2)
+        child.barrier() if child.size > 1 else None
+        comm.barrier()
+        return comm.wait_seconds, child.wait_seconds
+
+    out = run_emulated(2, body)
+    assert out[0][0] == out[0][1] and out[0][0] > 0.15  # rank 0 waited for rank 1
+
+
+def test_a_failure_inside_a_split_communicator_ends_the_whole_job():
+    def body(comm):
+        child = comm.split(comm.rank % 2)
+        if comm.rank == 3:
+            raise ValueError("boom")
+        child.barrier()  # ranks 0 and 2 would wait here forever, 1 on rank 3
+        comm.barrier()
+
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="boom"):
+        run_emulated(4, body, timeout=60)
+    assert time.monotonic() - t < 10
+
+
+def test_abort_in_a_child_stops_the_others():
+    def body(comm):
+        child = comm.split(comm.rank % 2)
+        if comm.rank == 0:
+            child.abort(3)
+        comm.barrier()
+
+    with pytest.raises(EmulationAborted) as info:
+        run_emulated(3, body, timeout=60)
+    assert getattr(info.value, "code", None) == 3
