@@ -102,6 +102,10 @@ SCHEMA = {
         "lr_warmup": Key("float", 0.0, "epochs over which the learning rate rises linearly "
                                        "from near 0 to its schedule's value (0: none)",
                          minimum=0.0),
+        "data_parallel_size": Key("int", 1, "pit and model-parallel: replicas of every layer "
+                                            "block, which split each batch; the job's N ranks "
+                                            "form N / data_parallel_size blocks (a layers x "
+                                            "data grid)", minimum=1),
         "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
         "max_loss": Key("float", 100.0, "stop as diverged when a batch loss exceeds this "
                                         "(NaN or Inf anywhere always stops; 0: no loss limit)",

@@ -37,7 +37,8 @@ class Run:
     def kind(self):
         """Method and ranks, e.g. ``pit ×2`` or ``pit 1-level ×2``."""
         one = " 1-level" if self.method == "pit" and self.cfg["coarse"]["levels"] == 1 else ""
-        return f"{self.method}{one} ×{self.ranks}"
+        grid = f" {self.blocks}x{self.replicas}" if self.replicas > 1 else ""
+        return f"{self.method}{one}{grid} ×{self.ranks}"
 
     @property
     def label(self):
@@ -56,6 +57,16 @@ class Run:
         """Whether the ranks were threads of one process (``--emulate``):
         the iterates of a real job, but timings that mean nothing."""
         return bool(self.attrs.get("emulated", False))
+
+    @property
+    def replicas(self):
+        """``D`` of a layers × data grid (1 without one)."""
+        return int(self.attrs.get("data_parallel_size", 1))
+
+    @property
+    def blocks(self):
+        """Layer blocks: ranks / replicas."""
+        return self.ranks // self.replicas
 
     @property
     def layers(self):
@@ -165,7 +176,8 @@ def summarise(path):
              f"  problem   {run.dataset}, {m['scheme']} ResNet, width {m['width']}, "
              f"{m['layers']} layers, T = {m['T']}, {m['dtype']}",
              f"  method    {run.method} on {run.ranks} "
-             f"{'emulated rank(s) (threads of one process: the timings below mean nothing)' if run.emulated else 'rank(s)'}, "
+             f"{'emulated rank(s) (threads of one process: the timings below mean nothing)' if run.emulated else 'rank(s)'}"
+             f"{f' as {run.blocks} layer blocks x {run.replicas} replicas' if run.replicas > 1 else ''}, "
              f"{len(h['val_acc'])} epochs, {run.iterations} iterations, "
              f"{int(run.attrs.get('samples', 0))} samples"]
     if "partition" in run.extra:
@@ -181,7 +193,8 @@ def summarise(path):
                     if epoch_ms is not None else ""))
     rows = []
     for r in range(run.ranks):
-        rows.append([f"rank {r}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"
+        where = f" (block {r // run.replicas}, replica {r % run.replicas})" if run.replicas > 1 else ""
+        rows.append([f"rank {r}{where}"] + [f"{t[k][r]:.2f}" if k in t and len(t[k]) > r else "-"
                                      for k, _ in TIME_KINDS]
                     + [f"{t['rank_peak_memory'][r] / 2**20:.0f}" if "rank_peak_memory" in t else "-"])
     lines.append(f"  seconds per rank ({int(run.attrs.get('blas_threads', 1))} BLAS thread(s) each):")

@@ -10,6 +10,7 @@ import numpy as np
 from ..kernels import score_stats
 from ..model import join_blocks
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
+from .layout import Layout
 from .partition import describe, layer_costs, partition
 from .trainer import Trainer
 
@@ -32,15 +33,19 @@ class BlockTrainer(Trainer):
 
     def __init__(self, comm, cfg, data, log=None):
         super().__init__(comm, cfg, data, log)
+        self.layout = Layout.from_config(comm, cfg)
+        self.chain = self.layout.chain  # states and co-states travel along it
+        B, r = self.layout.blocks, self.layout.block
         self.costs = layer_costs(self.net, cfg["train"]["batch_size"])
-        self.boundary_cost = self.regression_cost(cfg) if comm.size > 1 else 0.0
-        self.middle_factor = self.middle_cost(cfg) if comm.size > 2 else 0.0
-        self.bounds = partition(self.costs, comm.size, self.grid_for(cfg), self.boundary_cost,
+        self.boundary_cost = self.regression_cost(cfg) if B > 1 else 0.0
+        self.middle_factor = self.middle_cost(cfg) if B > 2 else 0.0
+        self.bounds = partition(self.costs, B, self.grid_for(cfg), self.boundary_cost,
                                 self.middle_factor)
-        r = comm.rank
         self.block = self.net.block(self.bounds[r], self.bounds[r + 1], reuse=True)
         self.prev = r - 1 if r > 0 else None
-        self.next = r + 1 if r < comm.size - 1 else None
+        self.next = r + 1 if r < B - 1 else None
+        self.rows = self.layout.rows(self.batches.batch_size)  # this replica's rows of a batch
+        self.n_rows = self.rows.stop - self.rows.start
         self.params = None
         self.opt = None
         self.sweep_bufs = None  # (state in, co-state out) of exact_sweep, made on first use
@@ -50,7 +55,8 @@ class BlockTrainer(Trainer):
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
-        return rank == 0  # the opening layer's; evaluation pipes the states on
+        # the opening layer's replicas; evaluation pipes the states on
+        return rank < cfg["train"]["data_parallel_size"]
 
     def middle_cost(self, cfg):
         """Extra cost of blocks 1..N−2, a fraction of their layers' (see partition)."""
@@ -65,7 +71,7 @@ class BlockTrainer(Trainer):
 
     def gather_full(self, local):
         parts = self.comm.gather(local)
-        return join_blocks(parts) if self.comm.rank == 0 else None
+        return join_blocks(self.layout.of_blocks(parts)) if self.comm.rank == 0 else None
 
     def use_local_params(self, params):
         """Start from this block's own parameters, with a fresh optimizer."""
@@ -78,21 +84,36 @@ class BlockTrainer(Trainer):
         super().resume(ckpt)
 
     def log_partition(self):
-        for line in describe(self.bounds, self.costs, self.boundary_cost, self.middle_factor):
+        lines = describe(self.bounds, self.costs, self.boundary_cost, self.middle_factor)
+        if self.layout.replicas > 1:
+            lines = [line.replace("rank ", "block ", 1) for line in lines] + self.layout.describe()
+        for line in lines:
             self.log.info("  %s", line)
 
     def layer_range(self):
-        return int(self.bounds[self.comm.rank]), int(self.bounds[self.comm.rank + 1])
+        r = self.layout.block
+        return int(self.bounds[r]), int(self.bounds[r + 1])
+
+    def batch_rows(self, g):
+        """The indices of this replica's rows of batch ``g``."""
+        idx = self.batches.indices(g)
+        return idx if self.layout.replicas == 1 else idx[self.rows]
 
     def labels(self, g):
-        return self.y_train[self.batches.indices(g)]
+        return self.y_train[self.batch_rows(g)]
 
     def features(self, g):
-        return np.take(self.x_train, self.batches.indices(g), axis=0)
+        return np.take(self.x_train, self.batch_rows(g), axis=0)
 
-    def finish_step(self, grads, k, epoch, loss):
-        """Add weight decay, update this block; return its loss part."""
-        return loss + self.opt.step(self.params, grads, self.lr(k, epoch))
+    def finish_step(self, grads, k, epoch, loss, lr=None):
+        """Sum the gradient over the block's replicas, add weight decay,
+        update this block; return its loss part (the decay term counted on
+        the first replica only)."""
+        if self.layout.replicas > 1:
+            grads = self.opt.collect(grads)
+            self.layout.group.allreduce_sum(self.opt.grad_flat)
+        penalty = self.opt.step(self.params, grads, self.lr(k, epoch) if lr is None else lr)
+        return loss + (penalty if self.layout.replica == 0 else 0.0)
 
     def exact_sweep(self, block, g, y, check=None, at_boundary=None):
         """Batch ``g`` through every block with the current controls: the
@@ -106,8 +127,9 @@ class BlockTrainer(Trainer):
             This rank's block (its workspace, if any, is overwritten).
         g : int
             Batch id (rank 0 reads its features; the tags carry it).
-        y : ndarray of int, shape (n,)
-            The batch's labels (read on the last rank).
+        y : ndarray of int, shape (rows,)
+            The labels of this replica's rows of the batch (read on the last
+            rank; the loss is normalised by the whole batch).
         check : callable, optional
             ``check(x_out)`` on the state at this block's right end.
         at_boundary : callable, optional
@@ -120,9 +142,9 @@ class BlockTrainer(Trainer):
         lam_in, grads, stats
             As :meth:`~pitmpi.model.Block.backward` with the exact co-state.
         """
-        comm = self.comm
+        comm, n = self.chain, self.batches.batch_size
         if self.sweep_bufs is None:
-            shape = (self.batches.batch_size, self.net.state_width)
+            shape = (self.n_rows, self.net.state_width)
             self.sweep_bufs = tuple(np.empty(shape, dtype=self.net.dtype) for _ in range(2))
         x_in, lam_out = self.sweep_bufs
         if block.first:
@@ -140,7 +162,7 @@ class BlockTrainer(Trainer):
                 at_boundary(ctx, lam_out)
             lam_in, grads, stats = block.backward(self.params, ctx, lam_out=lam_out)
         else:
-            lam_in, grads, stats = block.backward(self.params, ctx, y=y)
+            lam_in, grads, stats = block.backward(self.params, ctx, y=y, n_norm=n)
         if self.prev is not None:
             comm.send(lam_in, self.prev, batch_tag(COSTATE_TAG, g))
         return lam_in, grads, stats
@@ -148,9 +170,13 @@ class BlockTrainer(Trainer):
     def evaluate(self, X, y):
         """Pipe ``X`` through the blocks in chunks (:func:`eval_chunk`),
         sent on without waiting; the last rank scores them."""
-        comm, sw = self.comm, self.net.state_width
+        comm, sw = self.chain, self.net.state_width
         loss, correct = 0.0, 0
-        chunk = eval_chunk(len(y), comm.size)
+        if self.layout.replicas > 1:  # every replica its share of the rows
+            mine = self.layout.rows(len(y))
+            X = X[mine] if X is not None else None
+            y = y[mine]
+        chunk = eval_chunk(len(y), self.layout.blocks)
         sends = []
         for i in range(0, len(y), chunk):
             yi = y[i:i + chunk]
@@ -175,4 +201,5 @@ class BlockTrainer(Trainer):
         return np.stack([self.bounds[:-1], self.bounds[1:]], axis=1)
 
     def result_extra(self):
-        return {"partition": self.partition()}, {}
+        return ({"partition": self.partition()},
+                {"blocks": self.layout.blocks, "data_parallel_size": self.layout.replicas})

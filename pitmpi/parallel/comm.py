@@ -114,6 +114,43 @@ class Comm:
         return 1
 
 
+class LoneComm(Comm):
+    """The communicator of one rank by itself (a block without replicas):
+    collectives return at once, with this rank's own data.
+
+    Parameters
+    ----------
+    parent : Comm, optional
+        Whose wait clock it shares.
+    """
+
+    emulated = False
+
+    def __init__(self, parent=None):
+        super().__init__(parent._clock if parent is not None else None)
+
+    def _allreduce_sum(self, buf):
+        return buf
+
+    def _bcast(self, obj, root):
+        return obj
+
+    def _gather(self, obj, root):
+        return [obj]
+
+    def _allgather(self, obj):
+        return [obj]
+
+    def _scatter(self, objs, root):
+        return objs[0]
+
+    def _barrier(self):
+        pass
+
+    def _split(self, color, key):
+        return LoneComm(self)
+
+
 class MPIComm(Comm):
     """A :class:`Comm` over an mpi4py communicator.
 

@@ -182,7 +182,8 @@ def _greedy(cell_costs, ranks, cap, boundary_cost=0.0, middle_factor=0.0):
     return bounds
 
 
-def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle_factor=0.0):
+def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle_factor=0.0,
+                  replicas=1):
     """The cost model's estimate of a ``pit`` run's critical path, in seconds
     at the model's matrix rate (an estimate: no messages, no machine noise).
 
@@ -192,13 +193,16 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
         The fine network.
     cfg : dict
         Resolved configuration (batch size, coarse phase).
-    bounds : ndarray of int, shape (N + 1,)
+    bounds : ndarray of int, shape (B + 1,)
     coarse_iterations : int
         Iterations of the coarse phase (0: none).
     boundary_cost : float
-        Per-sample regression cost of every block but the last.
+        Per-sample regression cost of every block but the last (it learns
+        from the whole batch's pairs on every replica).
     middle_factor : float
         As for :func:`partition`.
+    replicas : int
+        ``D`` of a layers × data grid: each block computes ``n / D`` rows.
 
     Returns
     -------
@@ -208,22 +212,23 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
         ``coarse``: the coarse phase (on rank 0, or shared by all ranks).
     """
     n = cfg["train"]["batch_size"]
+    rows = -(-n // replicas)
     rate = MATMUL_RATE.get(net.dtype_name, 2.0e4) * 1e6  # multiply-adds per second
-    costs = layer_costs(net, n)
-    N = len(bounds) - 1
+    costs = layer_costs(net, rows)
+    B = len(bounds) - 1
     blocks = []
     for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        own = costs[a:b].sum()
-        blocks.append(own + (boundary_cost if r < N - 1 else 0.0)
-                      + (own * middle_factor if 0 < r < N - 1 else 0.0))
-    co = cfg["coarse"]
+        own = costs[a:b].sum() * rows
+        blocks.append(own + (boundary_cost * n if r < B - 1 else 0.0)
+                      + (own * middle_factor if 0 < r < B - 1 else 0.0))
     coarse = 0.0
     if coarse_iterations:
-        rows = -(-n // N) if co["parallel"] == "data-parallel" else n
+        co = cfg["coarse"]
+        crows = -(-n // (B * replicas)) if co["parallel"] == "data-parallel" else n
         cnet = net.with_layers(net.layers // co["factor"])
-        coarse = coarse_iterations * layer_costs(cnet, rows).sum() * rows / rate
-    return {"serial_iteration": costs.sum() * n / rate, "iteration": max(blocks) * n / rate,
-            "coarse": coarse}
+        coarse = coarse_iterations * layer_costs(cnet, crows).sum() * crows / rate
+    return {"serial_iteration": layer_costs(net, n).sum() * n / rate,
+            "iteration": max(blocks) / rate, "coarse": coarse}
 
 
 def describe(bounds, costs, boundary_cost=0.0, middle_factor=0.0):

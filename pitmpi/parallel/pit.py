@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 from .blocks import BlockTrainer
 from .coarse import coarse_phase
+from .data_parallel import share
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
@@ -40,8 +41,9 @@ from .regression import CostateRegression, prediction_errors
 
 
 def two_level(cfg, size):
-    """Whether a ``pit`` job of ``size`` ranks has the coarse phase."""
-    return cfg["coarse"]["levels"] == 2 and size > 1
+    """Whether a ``pit`` job of ``size`` ranks has the coarse phase (it has
+    more than one layer block)."""
+    return cfg["coarse"]["levels"] == 2 and size // cfg["train"]["data_parallel_size"] > 1
 
 
 def shared_coarse(cfg, size):
@@ -72,7 +74,7 @@ class PitTrainer(BlockTrainer):
         self.two_level = two_level(cfg, comm.size)
         super().__init__(comm, cfg, data, log)
         self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
-        sw, bs, dt = self.net.state_width, self.batches.batch_size, self.net.dtype
+        sw, bs, dt = self.net.state_width, self.n_rows, self.net.dtype  # this replica's rows
         self.x_in = np.zeros((bs, sw), dtype=dt)
         self.lam_right = np.zeros((bs, sw), dtype=dt)
         self.zeros = np.zeros((bs, sw), dtype=dt)
@@ -103,7 +105,7 @@ class PitTrainer(BlockTrainer):
         self.pending = deque()  # [request, co-state, (x_out, y, Λ̂) or None, k] per batch sent right
         self.sends = deque()  # (request, buffer) of sends not yet completed
         # regression.target = "relayed": exact co-states relayed back along kept states
-        self.relay = rg["target"] == "relayed" and comm.size > 1
+        self.relay = rg["target"] == "relayed" and self.layout.blocks > 1
         self.relay_every = rg["relay_every"]
         if self.relay:
             if self.delay:
@@ -117,12 +119,17 @@ class PitTrainer(BlockTrainer):
             a, b = self.layer_range()
             middle = self.prev is not None and self.next is not None
             self.relay_block = self.net.block(a, b, reuse=True) if middle else None
-        if cfg["monitor"]["every"] and comm.size > 1:
+        if cfg["monitor"]["every"] and self.layout.replicas > 1:
+            raise ConfigError(f"monitor.every = {cfg['monitor']['every']} is not available with "
+                              f"train.data_parallel_size = {self.layout.replicas} yet (set one "
+                              "of them to its default)")
+        if cfg["monitor"]["every"] and self.layout.blocks > 1:
             self.monitor = CostateMonitor(self, cfg["monitor"]["every"], n_iter)
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
-        return rank == 0 or shared_coarse(cfg, size)  # shared: every rank takes rows of each batch
+        # block 0's replicas; with the coarse phase shared every rank takes rows of each batch
+        return rank < cfg["train"]["data_parallel_size"] or shared_coarse(cfg, size)
 
     def middle_cost(self, cfg):
         rg = cfg["regression"]
@@ -135,10 +142,10 @@ class PitTrainer(BlockTrainer):
         return cfg["coarse"]["factor"] if self.two_level else 1
 
     def setup(self):
-        comm = self.comm
+        comm, lay = self.comm, self.layout
         self.log_partition()
         if not self.two_level:
-            if comm.size == 1:
+            if lay.blocks == 1:
                 self.log.info("pit on one rank: no block boundaries, so no coarse phase; "
                               "this is the serial algorithm")
             self.start(self.net.init_params(self.cfg["train"]["seed"]))
@@ -157,10 +164,14 @@ class PitTrainer(BlockTrainer):
             self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
                           time.perf_counter() - t, info["iterations"], info["final_loss"])
             payload = []
-            for r in range(comm.size):
+            for q in range(comm.size):  # every rank: its block's share, its replica's rows
+                r, i = divmod(q, lay.replicas)
                 blk = self.net.block(self.bounds[r], self.bounds[r + 1])
+                warm_rows = warm[r]
+                if warm_rows is not None and lay.replicas > 1:
+                    warm_rows = warm_rows[share(self.batches.batch_size, lay.replicas, i)]
                 payload.append((blk.local_params(fine),
-                                reg_states[r] if r < comm.size - 1 else None, warm[r]))
+                                reg_states[r] if r < lay.blocks - 1 else None, warm_rows))
         waited = comm.wait_seconds
         params, reg_state, self.warm_state = comm.scatter(payload)
         if shared or comm.rank == 0:  # the others' time here is waiting for rank 0
@@ -174,7 +185,7 @@ class PitTrainer(BlockTrainer):
         return k - self.pipeline_start >= rank or self.warmup == "coarse"
 
     def step(self, k, epoch):
-        blk, r = self.block, self.comm.rank
+        blk, r = self.block, self.layout.block
         g = k - r
         needs_labels = blk.last or (self.reg is not None and self.reg.use_labels)
         y = self.labels(g) if needs_labels else None
@@ -192,11 +203,12 @@ class PitTrainer(BlockTrainer):
             self.check_finite("state at its right boundary", x_out, k, epoch)
             kept_input = None if blk.first or not self.relay else np.array(inp)
             if blk.last:
-                lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y)
+                lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y,
+                                                              n_norm=self.batches.batch_size)
                 count = len(y)
             else:
                 t = time.perf_counter()
-                lam_hat = self.bounded(self.reg.predict(x_out, y))
+                lam_hat = self.bounded(self.reg.predict(x_out, y, n=self.batches.batch_size))
                 self.seconds["regression"] += time.perf_counter() - t
                 lam_in, grads, _ = blk.backward(self.params, ctx, lam_out=lam_hat)
             if lam_in is not None:
@@ -231,9 +243,9 @@ class PitTrainer(BlockTrainer):
                  batch_tag(STATE_TAG, g), batch_tag(COSTATE_TAG, g - 1))
         left = (lam_send, self.prev, self.x_in, self.prev,
                 batch_tag(COSTATE_TAG, g), batch_tag(STATE_TAG, g + 1))
-        for call in ((right, left) if self.comm.rank % 2 == 0 else (left, right)):
+        for call in ((right, left) if self.layout.block % 2 == 0 else (left, right)):
             if call[1] is not None:
-                self.comm.sendrecv(*call)
+                self.chain.sendrecv(*call)
 
     def finish_step(self, grads, k, epoch, loss):
         """As for every block, with ``regression.damping = "error"`` the
@@ -242,7 +254,15 @@ class PitTrainer(BlockTrainer):
         lr = self.lr(k, epoch)
         if self.damping:
             lr *= 1.0 - self.pred_error
-        return loss + self.opt.step(self.params, grads, lr)
+        return super().finish_step(grads, k, epoch, loss, lr)
+
+    def whole_batch(self, *parts):
+        """Each of ``parts`` (this replica's rows, or None) joined over the
+        block's replicas in row order: every replica then adds the same
+        pairs to its regression and holds the same fit."""
+        gathered = self.layout.group.allgather(parts)
+        return tuple(None if part is None else np.concatenate([g[j] for g in gathered])
+                     for j, part in enumerate(parts))
 
     def bounded(self, lam_hat):
         """``Λ̂`` scaled down to ``regression.clip`` times the running mean
@@ -259,6 +279,8 @@ class PitTrainer(BlockTrainer):
         sent one iteration earlier: record the prediction error, add the
         pair, refit what is due."""
         t = time.perf_counter()
+        if self.layout.replicas > 1:  # the whole batch's pairs, in row order, on every replica
+            x, y, lam_hat, lam = self.whole_batch(x, y, lam_hat, lam)
         self.mse[k], self.rel[k] = prediction_errors(lam_hat, lam)
         self.arrived += 1
         if self.damping:
@@ -268,7 +290,8 @@ class PitTrainer(BlockTrainer):
             norm = float(np.linalg.norm(lam))
             self.lam_norm = norm if self.lam_norm is None else (
                 NORM_MEMORY * self.lam_norm + (1.0 - NORM_MEMORY) * norm)
-        self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every))
+        self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every),
+                     n=self.batches.batch_size)
         self.seconds["regression"] += time.perf_counter() - t
 
     # regression.target = "relayed" -------------------------------------------
@@ -276,7 +299,7 @@ class PitTrainer(BlockTrainer):
         """The batch whose exact co-state rank ``rank`` sends left at iteration
         ``k``: the last rank's own batch ``k − N + 1``, and one iteration
         older for each rank further left (``k − 2N + 2 + rank``)."""
-        N = self.comm.size
+        N = self.layout.blocks
         return k - N + 1 if rank == N - 1 else k - 2 * N + 2 + rank
 
     def relays(self, h):
@@ -294,7 +317,7 @@ class PitTrainer(BlockTrainer):
         if self.next is None:
             self.lam_pack[1] = lam_in
             return self.lam_pack
-        h = self.relayed_batch(k, self.comm.rank)
+        h = self.relayed_batch(k, self.layout.block)
         entry = self.ledger.get(h)
         if entry is None or not self.relays(h):
             self.lam_pack[1] = 0.0
@@ -309,7 +332,7 @@ class PitTrainer(BlockTrainer):
         right this iteration; forget the batches no longer needed."""
         if self.next is None:
             return
-        h = self.relayed_batch(k, self.comm.rank + 1)
+        h = self.relayed_batch(k, self.layout.block + 1)
         entry = self.ledger.get(h)
         if entry is not None and self.relays(h):
             self.learn(k, entry[1], entry[2], entry[3], self.lam_right[1])
@@ -320,7 +343,7 @@ class PitTrainer(BlockTrainer):
     def incoming_state(self):
         """The state from rank r−1 for this iteration."""
         if self.state_request is not None:
-            self.comm.wait(self.state_request)
+            self.chain.wait(self.state_request)
             self.state_request = None
         return self.x_in
 
@@ -336,7 +359,7 @@ class PitTrainer(BlockTrainer):
         may run up to ``d`` iterations ahead of rank r+1, which absorbs their
         iteration-to-iteration jitter; with the same ``d`` the results do not
         depend on timing."""
-        comm, r = self.comm, self.comm.rank
+        comm, r = self.chain, self.layout.block
         if self.next is not None:
             self.sends.append((comm.isend(x_send, self.next, batch_tag(STATE_TAG, g)), x_send))
         if self.prev is not None:
@@ -362,7 +385,7 @@ class PitTrainer(BlockTrainer):
         """Complete every message in flight (their data stay pending): before
         the epoch's evaluation, whose messages must not meet them, and so a
         checkpoint holds the whole state."""
-        comm = self.comm
+        comm = self.chain
         if self.state_request is not None:
             comm.wait(self.state_request)
             self.state_request = None
@@ -388,7 +411,7 @@ class PitTrainer(BlockTrainer):
         co = self.cfg["coarse"]
         iterations = (co["iterations"] or self.batches.per_epoch) if self.two_level else 0
         est = critical_path(self.net, self.cfg, self.bounds, iterations, self.boundary_cost,
-                            self.middle_factor)
+                            self.middle_factor, self.layout.replicas)
         attrs.update({f"estimate_{k}_seconds": v for k, v in est.items()})
         return extra, attrs
 
@@ -397,7 +420,7 @@ class PitTrainer(BlockTrainer):
         monitored = self.monitor.history(k_done) if self.monitor is not None else {}
         if self.comm.rank != 0:
             return {}
-        boundaries = parts[:-1]  # the last rank predicts nothing
+        boundaries = self.layout.of_blocks(parts)[:-1]  # the last block predicts nothing
         return {**{name: np.array([p[i] for p in boundaries]).reshape(-1, k_done).T
                    for i, name in enumerate(("regression_mse", "regression_rel"))}, **monitored}
 
@@ -440,7 +463,7 @@ class PitTrainer(BlockTrainer):
     def regression_states(self):
         if self.reg is None:
             return {}
-        return {int(self.bounds[self.comm.rank + 1]): self.reg.state()}
+        return {int(self.bounds[self.layout.block + 1]): self.reg.state()}
 
     def resume(self, ckpt):
         """Exact continuation with the same number of ranks; otherwise the
@@ -448,7 +471,8 @@ class PitTrainer(BlockTrainer):
         boundary's starts from zero, and the pipeline refills (rank r waits
         r iterations, as with ``coarse.warmup = "wait"``)."""
         super().resume(ckpt)
-        r, k0 = self.comm.rank, ckpt.epochs_done * self.batches.per_epoch
+        q, r = self.comm.rank, self.layout.block
+        k0 = ckpt.epochs_done * self.batches.per_epoch
         if self.reg is not None:
             where = int(self.bounds[r + 1])
             state = ckpt.regression.get(where)
@@ -459,7 +483,7 @@ class PitTrainer(BlockTrainer):
             except ValueError as e:
                 self.log.warning("boundary at layer %d: regression starts from zero (%s)", where, e)
         if self.exact_resume:
-            st = ckpt.rank_state(r)
+            st = ckpt.rank_state(q)
             self.arrived = int(st["arrived"])
             self.pipeline_start = int(st["pipeline_start"])
             if self.prev is not None:

@@ -400,10 +400,12 @@ class CostateRegression:
             predictor.stale.clear()
         return predictor
 
-    def predict(self, x, y=None):
+    def predict(self, x, y=None, n=None):
         """Predicted batch co-state ``Λ̂ = φ(x) Θ / n`` (``φ(x) Θ B Bᵀ / n``
-        with ``rank``), shape (n, sw), in ``x``'s dtype (computed in it)."""
-        predictor = self._predictor_for(x.dtype, x.shape[0])
+        with ``rank``), shape (rows, sw), in ``x``'s dtype (computed in it);
+        ``n`` is the whole batch's size (default: the rows of ``x``; a
+        replica of a layers × data grid predicts its share of a batch)."""
+        predictor = self._predictor_for(x.dtype, x.shape[0] if n is None else n)
         lam = self._predict_coordinates(x, y, predictor)
         if predictor.basis_t is not None:
             lam = lam @ predictor.basis_t
@@ -412,7 +414,7 @@ class CostateRegression:
     def _predict_coordinates(self, x, y, predictor):
         """``φ(x) Θ / n`` (``φ(x) Θ B / n`` with ``rank``), shape (n, out_width)."""
         n, k = x.shape[0], self.out_width
-        W, offsets, rows = predictor.weights, predictor.offsets, predictor.rows
+        W, offsets, rows = predictor.weights, predictor.offsets, predictor.rows[:n]
         if self.groups == 1:
             lam = x @ W
             lam += offsets[np.asarray(y)] if self.kind == "state+label" else offsets[0]

@@ -106,6 +106,11 @@ class Trainer:
         self.y_val = data.y_val
         self.seconds = {"regression": 0.0, "coarse": 0.0, "monitor": 0.0}
         self.monitor = None  # pit's exact-co-state monitor (monitor.every), set by the method
+        if t["data_parallel_size"] > 1 and self.method not in ("pit", "model-parallel"):
+            raise ConfigError(f"train.data_parallel_size = {t['data_parallel_size']} makes a "
+                              f"layers x data grid for pit and model-parallel; train.method = "
+                              f"{self.method!r} has no layer blocks (data-parallel splits every "
+                              "batch over all ranks already)")
         if cfg["monitor"]["every"] and self.method != "pit":
             raise ConfigError(f"monitor.every = {cfg['monitor']['every']} measures the error of "
                               f"pit's predicted co-states; train.method = {self.method!r} uses "

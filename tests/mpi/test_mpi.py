@@ -168,3 +168,16 @@ def test_split_and_dup_match_the_emulated_communicators():
     mine = body(world())
     expected = run_emulated(world().size, body)[world().rank]
     assert mine == expected
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("method", ["model-parallel", "pit"])
+def test_one_block_replicated_on_every_rank_equals_serial(method):
+    """A grid of 1 block x N replicas (N = the MPI size) is the serial
+    algorithm with every batch split over the ranks."""
+    size = world().size
+    res = train_mpi([f"train.method={method}", f"train.data_parallel_size={size}"])
+    if world().rank == 0:
+        ref = train_serial_reference([])
+        for k in ref.params:
+            assert np.abs(res.params[k] - ref.params[k]).max() <= 1e-12, k

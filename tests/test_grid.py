@@ -1,0 +1,100 @@
+"""The layers x data grid (train.data_parallel_size): B blocks x D replicas
+give the iterates of B blocks alone, to rounding."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pitmpi import config, data
+from pitmpi.checkpoint import Checkpoint
+from pitmpi.cli import main
+from pitmpi.parallel.comm import run_emulated
+from pitmpi.parallel.methods import make_trainer
+from pitmpi.report import summarise
+
+from .conftest import REPO, mpiexec
+
+SWISS = data.swissroll()
+QUICK = ["model.layers=8", "coarse.iterations=20", "train.epochs=3", "output.progress=false"]
+
+
+def train(size, overrides):
+    cfg = config.load(None, QUICK + overrides)
+    return run_emulated(size, lambda comm: make_trainer(comm, cfg, SWISS).run())[0]
+
+
+def max_diff(a, b):
+    return max(float(np.abs(a.params[k] - b.params[k]).max()) for k in a.params)
+
+
+@pytest.mark.parametrize("blocks,replicas,extra", [
+    (2, 2, []), (2, 2, ["regression.delay=1"]), (2, 2, ["coarse.parallel=data-parallel"]),
+    (3, 2, []), (3, 2, ["regression.target=relayed", "regression.damping=error"]),
+    (2, 3, ["coarse.warmup=wait"])])
+def test_pit_on_a_grid_gives_the_iterates_of_its_blocks_alone(blocks, replicas, extra):
+    alone = train(blocks, ["train.method=pit"] + extra)
+    grid = train(blocks * replicas, ["train.method=pit", f"train.data_parallel_size={replicas}"]
+                 + extra)
+    assert max_diff(alone, grid) <= 1e-8
+    np.testing.assert_allclose(grid.history["val_acc"], alone.history["val_acc"], atol=1e-12)
+    np.testing.assert_allclose(grid.history["loss"], alone.history["loss"], rtol=1e-8)
+    assert grid.attrs["blocks"] == blocks and grid.attrs["data_parallel_size"] == replicas
+    assert grid.extra["partition"].shape == (blocks, 2)
+
+
+@pytest.mark.parametrize("blocks,replicas", [(2, 2), (3, 2), (1, 3)])
+def test_model_parallel_on_a_grid_equals_serial(blocks, replicas):
+    serial = train(1, ["train.method=serial"])
+    grid = train(blocks * replicas, ["train.method=model-parallel",
+                                     f"train.data_parallel_size={replicas}"])
+    assert max_diff(serial, grid) <= 1e-12
+
+
+def test_a_grid_resumes_exactly_and_onto_another_grid(tmp_path, capsys):
+    base = ["--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20"]
+    run = lambda size, argv: run_emulated(size, lambda comm: main(argv, comm=comm))
+    full, part = tmp_path / "full.h5", tmp_path / "part.h5"
+    grid = ["--set", "train.data_parallel_size=2"]
+    assert run(4, ["train", *base, *grid, "--set", "train.epochs=4", "--out", str(full)]) == [0] * 4
+    assert run(4, ["train", *base, *grid, "--set", "train.epochs=2", "--out", str(part)]) == [0] * 4
+    assert run(4, ["train", "--resume", str(part), "--set", "train.epochs=4"]) == [0] * 4
+    a, b = Checkpoint(str(full)), Checkpoint(str(part))
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert "2 layer blocks x 2 replicas" in summarise(str(full))
+    # onto 4 blocks of one replica: parameters carried over, the pipeline refills
+    assert run(4, ["train", "--resume", str(full), "--set", "train.epochs=5",
+                   "--set", "train.data_parallel_size=1", "--out", str(tmp_path / "g.h5")]) == [0] * 4
+    assert Checkpoint(str(tmp_path / "g.h5")).epochs_done == 5
+
+
+def test_killing_one_rank_of_a_grid_job_ends_it(tmp_path):
+    out = tmp_path / "k.h5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    env.update(PITMPI_FAIL_RANK="3", OMP_NUM_THREADS="1")
+    r = subprocess.run([mpiexec(), "-n", "4", sys.executable, "-m", "pitmpi", "train", "--quiet",
+                        "--set", "model.layers=8", "--set", "coarse.iterations=20",
+                        "--set", "train.data_parallel_size=2", "--set", "train.epochs=50",
+                        "--out", str(out)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert r.returncode != 0
+    assert "rank 3 of 4 failed" in r.stderr
+    assert not out.exists()
+
+
+def test_a_grid_under_mpiexec_gives_the_emulated_iterates(tmp_path):
+    out = tmp_path / "m.h5"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = ["train", "--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20",
+            "--set", "train.epochs=3", "--set", "train.data_parallel_size=2"]
+    r = subprocess.run([mpiexec(), "-n", "4", sys.executable, "-m", "pitmpi", *argv,
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    alone = train(2, ["train.method=pit"])
+    got = Checkpoint(str(out))
+    for k in alone.params:
+        assert np.abs(got.params[k] - alone.params[k]).max() <= 1e-8, k
