@@ -10,7 +10,9 @@ summary (``summary.md`` in the output folder) of medians with min–max:
         --methods serial data-parallel model-parallel pit pit-1level \\
         --ranks 2 --repeats 3 --set train.epochs=10 --out results/bench-swissroll
 
-``pit-1level`` is ``pit`` with ``coarse.levels=1``; ``serial-allcores`` is
+``pit-1level`` is ``pit`` with ``coarse.levels=1``; ``pit-grid2`` (4, 8) is
+``pit`` on a layers × data grid of 2 (4, 8) replicas per block;
+``serial-allcores`` is
 ``serial`` with as many BLAS threads as cores (the baseline nobody can call
 starved).  The files are ordinary output files: ``python -m pitmpi report
 results/bench-swissroll/*.h5 --plots DIR`` compares and plots them.
@@ -54,6 +56,10 @@ from pitmpi.report import SLOW_EPOCH, load
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
            "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
+# layers x data grids: pit-gridD and model-parallel-gridD, D replicas of every block
+for _d in (2, 4, 8):
+    METHODS[f"pit-grid{_d}"] = ("pit", [f"train.data_parallel_size={_d}"])
+    METHODS[f"model-parallel-grid{_d}"] = ("model-parallel", [f"train.data_parallel_size={_d}"])
 
 
 def probe_workload():

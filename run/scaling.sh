@@ -3,6 +3,7 @@
 #
 #   run/scaling.sh OUTDIR                       # Swiss roll, L = 64 and 256, 2 4 8 16 ranks
 #   LAYERS="256 512" RANKS="4 8" EPOCHS=50 REPEATS=2 METHODS="serial pit" run/scaling.sh OUTDIR
+#   METHODS="serial data-parallel pit pit-grid2 pit-grid4" run/scaling.sh OUTDIR   # layers x data grids
 #
 # For each depth it writes the cost model's prediction from constants measured
 # on this node (cost_model-L*.md), then runs serial (1 rank), data-parallel

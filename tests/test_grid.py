@@ -98,3 +98,15 @@ def test_a_grid_under_mpiexec_gives_the_emulated_iterates(tmp_path):
     got = Checkpoint(str(out))
     for k in alone.params:
         assert np.abs(got.params[k] - alone.params[k]).max() <= 1e-8, k
+
+
+def test_grid_estimate_lists_every_grid():
+    from .conftest import run_script
+    est = run_script("grid_estimate")
+    cfg = config.load(None, ["model.layers=64"])
+    rows = {name: (b, r, sec, su) for name, b, r, sec, su in est.estimate(cfg, SWISS, 4)}
+    assert {"serial", "data-parallel", "pit 4x1", "pit 2x2", "pit 1x4", "model-parallel 2x2"} <= set(rows)
+    assert rows["serial"][3] == 1.0
+    # one block replicated on every rank is data-parallel's work
+    assert rows["model-parallel 1x4"][2] == pytest.approx(rows["data-parallel"][2])
+    assert rows["pit 2x2"][3] > 1.0 and rows["model-parallel 4x1"][3] == pytest.approx(1.0)

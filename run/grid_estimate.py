@@ -1,0 +1,82 @@
+"""The cost model's prediction for every layers × data grid of N ranks.
+
+For a config and a rank count N, every grid of B blocks × D replicas (B D =
+N) with ``pit`` and with ``model-parallel``, and ``data-parallel`` on N
+ranks: the cost model's seconds per epoch on the critical path (the busiest
+block's rows of each batch, the regression, the coarse phase spread over the
+run's epochs) and the predicted speed-up over serial.  A prediction: it
+leaves out messages and all-reduces, and machine noise.  Accuracy is not
+in it: pit's accuracy depends on B (measure it with ``train --emulate``).
+
+    python run/grid_estimate.py --config run/mnist.toml --layers 64 --ranks 16
+"""
+import argparse
+
+from pitmpi import config, data
+from pitmpi.parallel.partition import (MATMUL_RATE, critical_path, layer_costs, partition,
+                                       regression_cost)
+from pitmpi.parallel.trainer import build_network
+from pitmpi.optim import BatchSchedule
+
+
+def grids(n_ranks):
+    """``(blocks, replicas)`` of every grid of ``n_ranks``."""
+    return [(n_ranks // d, d) for d in range(1, n_ranks + 1) if n_ranks % d == 0]
+
+
+def estimate(cfg, ds, n_ranks):
+    """Rows ``(name, blocks, replicas, seconds per epoch, speed-up)``."""
+    net = build_network(cfg, ds)
+    n = cfg["train"]["batch_size"]
+    per_epoch = BatchSchedule(len(ds.y_train), n, cfg["train"]["seed"]).per_epoch
+    epochs = cfg["train"]["epochs"]
+    rate = MATMUL_RATE.get(net.dtype_name, 2.0e4) * 1e6
+    serial = layer_costs(net, n).sum() * n / rate * per_epoch
+    rows = [("serial", 1, 1, serial, 1.0)]
+    dp_rows = -(-n // n_ranks)
+    dp = layer_costs(net, dp_rows).sum() * dp_rows / rate * per_epoch
+    rows.append(("data-parallel", 1, n_ranks, dp, serial / dp))
+    for blocks, replicas in grids(n_ranks):
+        if blocks > net.layers // cfg["coarse"]["factor"]:
+            continue
+        two_level = cfg["coarse"]["levels"] == 2 and blocks > 1
+        grid = cfg["coarse"]["factor"] if two_level else 1
+        bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0
+        rg = cfg["regression"]
+        mf = (1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0) if blocks > 2 else 0.0
+        bounds = partition(layer_costs(net, n), blocks, grid, bc, mf)
+        coarse_its = (cfg["coarse"]["iterations"] or per_epoch) if two_level else 0
+        est = critical_path(net, cfg, bounds, coarse_its, bc, mf, replicas)
+        pit = est["iteration"] * per_epoch + est["coarse"] / epochs
+        rows.append((f"pit {blocks}x{replicas}", blocks, replicas, pit, serial / pit))
+        mp_rows = -(-n // replicas)
+        mp_costs = layer_costs(net, mp_rows)
+        mp = sum(mp_costs[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])) * mp_rows / rate
+        rows.append((f"model-parallel {blocks}x{replicas}", blocks, replicas, mp * per_epoch,
+                     serial / (mp * per_epoch)))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--layers", type=int)
+    p.add_argument("--ranks", type=int, default=16)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = p.parse_args(argv)
+    overrides = list(args.set) + ([f"model.layers={args.layers}"] if args.layers else [])
+    cfg = config.load(args.config, overrides)
+    d = cfg["data"]
+    ds = data.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"],
+                   dtype=cfg["model"]["dtype"], features=False)
+    print(f"cost model, {cfg['data']['name']}, L = {cfg['model']['layers']}, {args.ranks} ranks "
+          f"(a prediction: no messages, no all-reduces, no machine noise)\n")
+    print("| run | blocks | replicas | s per epoch | predicted speed-up |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, b, r, sec, su in estimate(cfg, ds, args.ranks):
+        print(f"| {name} | {b} | {r} | {sec:.3f} | {su:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
