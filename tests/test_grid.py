@@ -110,3 +110,10 @@ def test_grid_estimate_lists_every_grid():
     # one block replicated on every rank is data-parallel's work
     assert rows["model-parallel 1x4"][2] == pytest.approx(rows["data-parallel"][2])
     assert rows["pit 2x2"][3] > 1.0 and rows["model-parallel 4x1"][3] == pytest.approx(1.0)
+
+
+def test_the_monitor_on_a_grid_measures_what_its_blocks_alone_do():
+    alone = train(2, ["train.method=pit", "monitor.every=8"])
+    grid = train(4, ["train.method=pit", "monitor.every=8", "train.data_parallel_size=2"])
+    for name in ("monitor_costate_rel", "monitor_grad_cos", "monitor_grad_cos_all"):
+        np.testing.assert_allclose(grid.history[name], alone.history[name], rtol=1e-8, err_msg=name)

@@ -55,16 +55,30 @@ class CostateMonitor:
         g = k  # the batch rank 0 took at iteration k
         y = t.labels(g)
 
+        grid = t.layout.replicas > 1  # then each replica holds rows: sum over the group
+
         def at_boundary(ctx, lam):
-            lam_hat = t.bounded(t.reg.predict(ctx.output, y))  # what pit trains with
-            self.rel[i] = np.linalg.norm(lam_hat - lam) / max(np.linalg.norm(lam), 1e-300)
+            # what pit trains with
+            lam_hat = t.bounded(t.reg.predict(ctx.output, y, n=t.batches.batch_size))
+            if grid:
+                diff = lam_hat - lam
+                self.squares = np.array([np.vdot(diff, diff), np.vdot(lam, lam)], dtype=np.float64)
+            else:
+                self.rel[i] = np.linalg.norm(lam_hat - lam) / max(np.linalg.norm(lam), 1e-300)
             _, grads, _ = self.block.backward(t.params, ctx, lam_out=lam_hat)
             self.predicted = flat(grads)
 
-        self.predicted = None
+        self.predicted = self.squares = None
         _, grads, _ = t.exact_sweep(self.block, g, y, at_boundary=at_boundary)
         exact = flat(grads)
         predicted = exact if self.predicted is None else self.predicted  # the last block: exact
+        if grid:  # the block's gradient is the sum over its replicas' rows
+            both = np.concatenate([predicted, exact])
+            t.layout.group.allreduce_sum(both)
+            predicted, exact = both[:len(exact)], both[len(exact):]
+            if self.squares is not None:
+                t.layout.group.allreduce_sum(self.squares)
+                self.rel[i] = self.squares[0] ** 0.5 / max(self.squares[1] ** 0.5, 1e-300)
         self.dots[i] = (predicted @ exact, predicted @ predicted, exact @ exact)
 
     def history(self, k_done):
@@ -74,6 +88,7 @@ class CostateMonitor:
         parts = comm.gather((self.rel[:m], self.dots[:m]))
         if comm.rank != 0:
             return {}
+        parts = self.trainer.layout.of_blocks(parts)  # a block's replicas agree
         rel = np.array([p[0] for p in parts[:-1]]).reshape(-1, m).T
         dots = np.stack([p[1] for p in parts], axis=1)  # (m, N, 3)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -92,7 +107,7 @@ class CostateMonitor:
         if its is None or len(its) < m or not np.array_equal(
                 its[:m], (np.arange(m) + 1) * self.every - 1):
             return False
-        r = self.trainer.comm.rank
+        r = self.trainer.layout.block
         dots = history["monitor_dots"]
         if r < dots.shape[1]:
             self.dots[:m] = dots[:m, r]

@@ -119,10 +119,6 @@ class PitTrainer(BlockTrainer):
             a, b = self.layer_range()
             middle = self.prev is not None and self.next is not None
             self.relay_block = self.net.block(a, b, reuse=True) if middle else None
-        if cfg["monitor"]["every"] and self.layout.replicas > 1:
-            raise ConfigError(f"monitor.every = {cfg['monitor']['every']} is not available with "
-                              f"train.data_parallel_size = {self.layout.replicas} yet (set one "
-                              "of them to its default)")
         if cfg["monitor"]["every"] and self.layout.blocks > 1:
             self.monitor = CostateMonitor(self, cfg["monitor"]["every"], n_iter)
 
