@@ -142,8 +142,10 @@ class PitTrainer(BlockTrainer):
         self.log_partition()
         if not self.two_level:
             if lay.blocks == 1:
-                self.log.info("pit on one rank: no block boundaries, so no coarse phase; "
-                              "this is the serial algorithm")
+                self.log.info("pit with one layer block: no block boundaries, so no coarse "
+                              "phase; this is the serial algorithm%s",
+                              f" on {lay.replicas} replicas that split each batch"
+                              if lay.replicas > 1 else "")
             self.start(self.net.init_params(self.cfg["train"]["seed"]))
             return
         payload = None
