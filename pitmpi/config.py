@@ -99,6 +99,9 @@ SCHEMA = {
         "lr_step": Key("int", 100, "step schedule: epochs per step", minimum=1),
         "lr_decay_iters": Key("int", 1000, "inverse schedule: lr_k = lr / (1 + k / lr_decay_iters)",
                               minimum=1),
+        "label_smoothing": Key("float", 0.0, "train on targets (1 - e) onehot(y) + e / classes "
+                                             "instead of onehot(y) (0: none)",
+                               minimum=0.0, maximum=0.5),
         "lr_warmup": Key("float", 0.0, "epochs over which the learning rate rises linearly "
                                        "from near 0 to its schedule's value (0: none)",
                          minimum=0.0),

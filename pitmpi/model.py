@@ -46,11 +46,14 @@ class ResNet:
     store_trajectory : bool
         Verlet only: False rebuilds states backwards in the adjoint instead of
         storing them (memory independent of depth).
+    label_smoothing : float
+        ``ε`` in [0, 1): the training loss's target is ``(1 − ε) onehot(y)
+        + ε / c`` (evaluation scores plain cross-entropy).
     """
 
     def __init__(self, scheme, n_features, width, layers, n_classes, T,
                  activation="tanh", weight_decay=0.0, dtype="float64",
-                 store_trajectory=True):
+                 store_trajectory=True, label_smoothing=0.0):
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
         if activation not in ACTIVATIONS:
@@ -65,6 +68,8 @@ class ResNet:
             raise ValueError(f"T must be positive, got {T!r}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.scheme_name = scheme
         self.scheme = SCHEMES[scheme]
         self.n_features = int(n_features)
@@ -79,6 +84,7 @@ class ResNet:
         self.dtype_name = dtype
         self.dtype = DTYPES[dtype]
         self.store_trajectory = bool(store_trajectory)
+        self.label_smoothing = float(label_smoothing)
         self.state_width = self.scheme.state_width(self.width)
         self._full = None  # the reusing whole-network block of loss_and_grad
 
@@ -91,7 +97,7 @@ class ResNet:
         """The same network on another grid (same ``T``), e.g. the coarse model."""
         return ResNet(self.scheme_name, self.n_features, self.width, layers, self.n_classes,
                       self.T, self.activation, self.weight_decay, self.dtype_name,
-                      self.store_trajectory)
+                      self.store_trajectory, self.label_smoothing)
 
     def param_shapes(self):
         """Shapes of the full parameter set, by name."""
@@ -282,7 +288,7 @@ class Block:
             Y_L = ctx.output[:, :w]
             n_norm = len(y) if n_norm is None else n_norm
             loss, correct, gW, gmu, lamY = classifier_loss_and_grad(
-                params["cls.W"], params["cls.b"], Y_L, y, n_norm)
+                params["cls.W"], params["cls.b"], Y_L, y, n_norm, net.label_smoothing)
             grads["cls.W"], grads["cls.b"] = gW, gmu
             stats = (loss, correct)
             if net.state_width != w:

@@ -86,6 +86,8 @@ CASES = {
                                "train.method = 'data-parallel' has no layer blocks"),
     "zero replicas": (["--set", "train.data_parallel_size=0"],
                       "train.data_parallel_size = 0 is not allowed; expected an integer >= 1"),
+    "label smoothing above a half": (["--set", "train.label_smoothing=0.6"],
+                                     "train.label_smoothing = 0.6 is not allowed; expected a number >= 0.0 <= 0.5"),
     "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
     "override without =": (["--set", "justtext"], "expected section.key=value"),
     "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),

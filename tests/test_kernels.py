@@ -232,3 +232,24 @@ def test_adjoint_in_chunks_of_layers_equals_one_chunk(scheme, store, monkeypatch
     for k in whole:
         np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-13, atol=1e-15)
     assert workspace.layers_per_chunk(L, 10 * workspace.CHUNK_BYTES) == 1
+
+
+@pytest.mark.parametrize("scheme", ["euler", "verlet"])
+def test_label_smoothing_gradient_matches_finite_differences(scheme):
+    net = ResNet(scheme, 3, 4, 3, 4, T=2.0, weight_decay=0.01, label_smoothing=0.1)
+    params = perturbed_params(net, 3)
+    rng = np.random.default_rng(8)
+    X, y = rng.standard_normal((7, 3)), rng.integers(0, 4, 7)
+    assert fd_relative_error(net, params, X, y, rng) <= 1e-6
+
+
+def test_label_smoothing_is_the_cross_entropy_of_the_smoothed_target():
+    from pitmpi.kernels import classifier_loss_and_grad
+    rng = np.random.default_rng(9)
+    W, mu, Y = rng.standard_normal((3, 5)), rng.standard_normal(3), rng.standard_normal((6, 5))
+    y = np.array([0, 1, 2, 2, 1, 0])
+    loss, _, _, _, _ = classifier_loss_and_grad(W, mu, Y, y, 6, smoothing=0.2)
+    S = Y @ W.T + mu
+    logp = S - np.log(np.exp(S).sum(axis=1, keepdims=True))
+    q = 0.8 * np.eye(3)[y] + 0.2 / 3
+    assert loss == pytest.approx(-(q * logp).sum() / 6, rel=1e-12)

@@ -74,7 +74,7 @@ def score_stats(S, y):
     return float(losses.sum()), int(np.count_nonzero(S.argmax(axis=1) == y))
 
 
-def classifier_loss_and_grad(W, mu, Y, y, n_norm):
+def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
     """Loss and gradients of the classifier for the last state ``Y``.
 
     Parameters
@@ -87,21 +87,31 @@ def classifier_loss_and_grad(W, mu, Y, y, n_norm):
     n_norm : int
         The ``n`` of the mean (the whole batch; a data-parallel rank holds a
         slice of it).
+    smoothing : float
+        Label smoothing ``ε``: the target is ``q = (1 − ε) onehot(y) + ε / c``.
 
     Returns
     -------
     loss_sum : float
-        ``Σ_i [logsumexp(S_i) − S_{i,y_i}] / n_norm`` over the rows given.
+        ``Σ_i [logsumexp(S_i) − q_i · S_i] / n_norm`` over the rows given
+        (with ``ε = 0``: ``logsumexp(S_i) − S_{i,y_i}``).
     correct : int
         Number of rows whose arg-max score is the label.
     gW : ndarray, shape (c, w)
     gmu : ndarray, shape (c,)
     lamY : ndarray, shape (n, w)
-        ``Λ_L = G @ W`` with ``G = (softmax(S) − onehot(y)) / n_norm``.
+        ``Λ_L = G @ W`` with ``G = (softmax(S) − q) / n_norm``.
     """
     S = scores(W, mu, Y)
     losses, G = cross_entropy(S, y)
     correct = int(np.count_nonzero(S.argmax(axis=1) == y))
-    G[np.arange(len(y)), y] -= 1.0
+    if smoothing:
+        c = S.shape[1]
+        # −q·S = −(1 − ε) S_y − (ε / c) Σ_j S_j, and logsumexp − S_y is in losses already
+        losses = losses + smoothing * (S[np.arange(len(y)), y] - S.mean(axis=1))
+        G[np.arange(len(y)), y] -= 1.0 - smoothing
+        G -= smoothing / c
+    else:
+        G[np.arange(len(y)), y] -= 1.0
     G /= n_norm
     return float(losses.sum() / n_norm), correct, G.T @ Y, G.sum(axis=0), G @ W

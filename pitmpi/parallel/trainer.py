@@ -72,7 +72,8 @@ def build_network(cfg, data):
     """The fine ResNet a config describes, for a dataset."""
     m, t = cfg["model"], cfg["train"]
     return ResNet(m["scheme"], data.n_features, m["width"], m["layers"], data.n_classes,
-                  m["T"], m["activation"], t["weight_decay"], m["dtype"], m["store_trajectory"])
+                  m["T"], m["activation"], t["weight_decay"], m["dtype"], m["store_trajectory"],
+                  t["label_smoothing"])
 
 
 class Trainer:
