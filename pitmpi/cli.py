@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .errors import Diverged, UserError
 from .io import check_writable, write_result
 from .logs import setup_logging
-from .parallel.comm import EmulationAborted
+from .parallel.comm import EmulationAborted, LoneComm
 
 DESCRIPTION = """Layer-parallel (parallel-in-time) training of residual networks with MPI.
 Without a command, trains the default problem (Verlet ResNet, Swiss roll):
@@ -208,7 +208,7 @@ def main(argv=None, comm=None):
         return 0
     if comm is None:
         if args.command == "report":
-            comm = _SelfComm()
+            comm = LoneComm()
         else:
             from .parallel.comm import world_comm
             comm = world_comm()
@@ -281,6 +281,3 @@ def run(args, comm):
             comm.abort(1)
         raise
 
-
-class _SelfComm:
-    rank, size = 0, 1

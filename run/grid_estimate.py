@@ -15,8 +15,9 @@ import argparse
 from pitmpi import config, data
 from pitmpi.parallel.partition import (MATMUL_RATE, critical_path, layer_costs, partition,
                                        regression_cost)
-from pitmpi.parallel.trainer import build_network
 from pitmpi.optim import BatchSchedule
+from pitmpi.parallel.pit import relay_factor, two_level
+from pitmpi.parallel.trainer import build_network
 
 
 def grids(n_ranks):
@@ -39,13 +40,14 @@ def estimate(cfg, ds, n_ranks):
     for blocks, replicas in grids(n_ranks):
         if blocks > net.layers // cfg["coarse"]["factor"]:
             continue
-        two_level = cfg["coarse"]["levels"] == 2 and blocks > 1
-        grid = cfg["coarse"]["factor"] if two_level else 1
+        # as PitTrainer sets itself up on this grid
+        grid_cfg = dict(cfg, train=dict(cfg["train"], data_parallel_size=replicas))
+        coarse = two_level(grid_cfg, n_ranks)
         bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0
-        rg = cfg["regression"]
-        mf = (1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0) if blocks > 2 else 0.0
-        bounds = partition(layer_costs(net, n), blocks, grid, bc, mf)
-        coarse_its = (cfg["coarse"]["iterations"] or per_epoch) if two_level else 0
+        mf = relay_factor(cfg) if blocks > 2 else 0.0
+        bounds = partition(layer_costs(net, n), blocks, cfg["coarse"]["factor"] if coarse else 1,
+                           bc, mf)
+        coarse_its = (cfg["coarse"]["iterations"] or per_epoch) if coarse else 0
         est = critical_path(net, cfg, bounds, coarse_its, bc, mf, replicas)
         pit = est["iteration"] * per_epoch + est["coarse"] / epochs
         rows.append((f"pit {blocks}x{replicas}", blocks, replicas, pit, serial / pit))

@@ -62,9 +62,9 @@ class Layout:
         t = cfg["train"]
         return cls(world, t["data_parallel_size"], t["batch_size"])
 
-    def rows(self, n):
-        """This replica's contiguous share of ``n`` rows (a slice)."""
-        return share(n, self.replicas, self.replica)
+    def rows(self, n, replica=None):
+        """The contiguous share of ``n`` rows of this replica (or of ``replica``), a slice."""
+        return share(n, self.replicas, self.replica if replica is None else replica)
 
     def block_ranks(self, block):
         """The job ranks of ``block``'s replicas."""

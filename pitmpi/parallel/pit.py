@@ -32,8 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 from .blocks import BlockTrainer
 from .coarse import coarse_phase
-from .data_parallel import share
-from .comm import COSTATE_TAG, STATE_TAG, batch_tag
+from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
 from .partition import critical_path, regression_cost
@@ -52,19 +51,22 @@ def shared_coarse(cfg, size):
     return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
 
 
-NORM_MEMORY = 0.9  # weight of the past in the running mean norm of regression.clip
+MEMORY = 0.9  # weight of the past in the running means of regression.clip and .damping
+
+
+def running_mean(mean, value):
+    """``mean`` moved towards ``value`` (``value`` itself when there is none yet)."""
+    return value if mean is None else MEMORY * mean + (1.0 - MEMORY) * value
+
+
+def relay_factor(cfg):
+    """Extra cost of a middle block with ``regression.target = "relayed"``: a
+    second sweep of its layers for every ``regression.relay_every``-th batch."""
+    rg = cfg["regression"]
+    return 1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0
 
 # a kept batch of regression.target = "relayed", as saved in a checkpoint
 LEDGER_FIELDS = ("ledger_x_in", "ledger_x_out", "ledger_y", "ledger_lam_hat")
-
-
-class _Alone:
-    """The communicator of a computation that one rank does by itself."""
-
-    rank, size = 0, 1
-
-
-ALONE = _Alone()
 
 
 class PitTrainer(BlockTrainer):
@@ -128,8 +130,7 @@ class PitTrainer(BlockTrainer):
         return rank < cfg["train"]["data_parallel_size"] or shared_coarse(cfg, size)
 
     def middle_cost(self, cfg):
-        rg = cfg["regression"]
-        return 1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0
+        return relay_factor(cfg)
 
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
@@ -156,7 +157,7 @@ class PitTrainer(BlockTrainer):
                       f"data-parallel on {comm.size} ranks" if shared else "on rank 0")
         if shared or comm.rank == 0:
             fine, reg_states, warm, info = coarse_phase(
-                comm if shared else ALONE, self.net, self.cfg, self.batches, self.x_train,
+                comm if shared else LoneComm(), self.net, self.cfg, self.batches, self.x_train,
                 self.y_train, self.bounds, self.log)
         if comm.rank == 0:
             self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
@@ -167,7 +168,7 @@ class PitTrainer(BlockTrainer):
                 blk = self.net.block(self.bounds[r], self.bounds[r + 1])
                 warm_rows = warm[r]
                 if warm_rows is not None and lay.replicas > 1:
-                    warm_rows = warm_rows[share(self.batches.batch_size, lay.replicas, i)]
+                    warm_rows = warm_rows[lay.rows(self.batches.batch_size, i)]
                 payload.append((blk.local_params(fine),
                                 reg_states[r] if r < lay.blocks - 1 else None, warm_rows))
         waited = comm.wait_seconds
@@ -282,12 +283,9 @@ class PitTrainer(BlockTrainer):
         self.mse[k], self.rel[k] = prediction_errors(lam_hat, lam)
         self.arrived += 1
         if self.damping:
-            self.pred_error = (NORM_MEMORY * self.pred_error
-                               + (1.0 - NORM_MEMORY) * min(float(self.rel[k]), 1.0))
+            self.pred_error = running_mean(self.pred_error, min(float(self.rel[k]), 1.0))
         if self.clip:
-            norm = float(np.linalg.norm(lam))
-            self.lam_norm = norm if self.lam_norm is None else (
-                NORM_MEMORY * self.lam_norm + (1.0 - NORM_MEMORY) * norm)
+            self.lam_norm = running_mean(self.lam_norm, float(np.linalg.norm(lam)))
         self.reg.add(x, y, lam, refit=self.reg.due(self.arrived, self.refit_every),
                      n=self.batches.batch_size)
         self.seconds["regression"] += time.perf_counter() - t
