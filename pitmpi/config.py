@@ -175,6 +175,12 @@ SCHEMA = {
                                "boundary (a model-parallel sweep, not timed as training) and "
                                "record the predicted co-states' error and the gradients' "
                                "cosines (history/monitor_*); 0: off", minimum=0),
+        "fallback": Key("float", 0.0, "pit: when the monitor measures a predicted co-state "
+                                      "error above this at any boundary, train on exact "
+                                      "co-states (one model-parallel sweep per iteration) until "
+                                      "every boundary's prediction is back below it, then "
+                                      "refill the pipeline; needs monitor.every > 0 (0: never)",
+                        minimum=0.0),
     },
     "output": {
         "path": Key("str", "results/run.h5", "HDF5 output file"),

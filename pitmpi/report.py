@@ -125,9 +125,25 @@ class Run:
         if "estimate_iteration_seconds" not in a:
             return None
         k = self.iterations if iterations is None else iterations
+        exact, fills, sweeps = self.fallback_counts(k)
         pit = (float(a["estimate_coarse_seconds"])
-               + (k + self.ranks - 1) * float(a["estimate_iteration_seconds"]))
+               + (k - exact + fills * (self.blocks - 1)) * float(a["estimate_iteration_seconds"])
+               + (exact + sweeps) * float(a.get("estimate_exact_iteration_seconds", 0.0)))
         return pit, k * float(a["estimate_serial_iteration_seconds"])
+
+    def fallback_counts(self, k):
+        """Of the first ``k`` iterations: those on exact co-states
+        (``monitor.fallback``), the pipeline's fills (1 + the returns from
+        exact co-states), and the monitor's sweeps that the fallback relies
+        on (0 without it)."""
+        exact = self.history.get("fallback_exact")
+        if exact is None or not len(exact):
+            return 0, 1, 0
+        exact = np.asarray(exact[:k], dtype=bool)
+        returns = int(np.sum(exact[:-1] & ~exact[1:]))
+        its = self.history.get("monitor_iteration", np.array([], dtype=int))
+        sweeps = int(np.sum(np.asarray(its) < k)) - int(np.sum(exact[its[its < k]]))
+        return int(exact.sum()), 1 + returns, sweeps
 
     def iterations_to(self, target):
         """Iterations until the end of the first epoch whose validation
@@ -207,10 +223,18 @@ def summarise(path):
     est = run.estimate()
     if est is not None:
         a = run.attrs
+        exact, fills, sweeps = run.fallback_counts(run.iterations)
+        on_exact = ""
+        if "fallback" in a:
+            on_exact = (f", {exact} iterations on exact co-states and {sweeps} monitor sweeps "
+                        f"(monitor.fallback = {float(a['fallback']):g}) of "
+                        f"{1e3 * float(a['estimate_exact_iteration_seconds']):.3f} ms, "
+                        f"{fills} pipeline fills")
         lines.append(f"  estimate  (cost model, not measured) critical path {est[0]:.2f} s: coarse "
-                     f"phase {float(a['estimate_coarse_seconds']):.2f} s + {run.iterations} "
-                     f"iterations of {1e3 * float(a['estimate_iteration_seconds']):.3f} ms on the "
-                     f"busiest block; serial {est[1]:.2f} s; predicted speed-up "
+                     f"phase {float(a['estimate_coarse_seconds']):.2f} s + "
+                     f"{run.iterations - exact} iterations of "
+                     f"{1e3 * float(a['estimate_iteration_seconds']):.3f} ms on the "
+                     f"busiest block{on_exact}; serial {est[1]:.2f} s; predicted speed-up "
                      f"{est[1] / est[0]:.2f} on {run.ranks} ranks")
     lines.extend(monitor_lines(h))
     return "\n".join(lines)

@@ -61,6 +61,13 @@ CASES = {
     "monitor without predictions": (["--set", "monitor.every=5", "--set", "train.method=model-parallel"],
                                     "monitor.every = 5 measures the error of pit's predicted "
                                     "co-states; train.method = 'model-parallel' uses exact ones"),
+    "negative fallback bound": (["--set", "monitor.fallback=-0.5"],
+                                "monitor.fallback = -0.5 is not allowed; expected a number >= 0.0"),
+    "fallback without the monitor": (["--set", "monitor.fallback=0.8"],
+                                     "monitor.fallback = 0.8 is not allowed with monitor.every = 0"),
+    "fallback with a delay": (["--set", "monitor.fallback=0.8", "--set", "monitor.every=4",
+                               "--set", "regression.delay=1"],
+                              "monitor.fallback is not allowed with regression.delay = 1"),
     "unknown regression target": (["--set", "regression.target=exact"],
                                   "regression.target = 'exact' is not allowed; expected one of "
                                   "'neighbour', 'relayed'"),

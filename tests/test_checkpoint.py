@@ -45,7 +45,11 @@ CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
          # relayed co-states (kept batches across the checkpoint) and the monitor's records
          (4, "pit", ["--set", "regression.target=relayed", "--set", "monitor.every=5"]),
          (3, "pit", ["--set", "regression.target=relayed", "--set", "coarse.warmup=wait",
-                     "--set", "regression.features=state"])]
+                     "--set", "regression.features=state"]),
+         # checkpoints taken while on exact co-states (monitor.fallback) and after a refill
+         (3, "pit", ["--set", "monitor.every=3", "--set", "monitor.fallback=1e-12"]),
+         (3, "pit", ["--set", "monitor.every=3", "--set", "monitor.fallback=0.3",
+                     "--set", "regression.target=relayed"])]
 
 
 @pytest.mark.parametrize("size,method,extra", CASES)

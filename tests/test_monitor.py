@@ -127,6 +127,89 @@ def test_relayed_on_two_ranks_is_the_neighbour_schedule():
         np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
 
 
+def test_fallback_learns_exact_costates_and_updates_with_exact_gradients(monkeypatch):
+    """monitor.fallback below any error it can reach: from the first
+    measurement on, every iteration is an exact sweep. With controls that do
+    not move (lr 1e-300), each boundary then learns the exact co-state of
+    that iteration's batch, and each block's update uses its exact gradient."""
+    from pitmpi.parallel.blocks import BlockTrainer
+    from pitmpi.parallel.pit import PitTrainer
+    learnt, steps = [], []
+    original_learn, original_finish = PitTrainer.learn, BlockTrainer.finish_step
+
+    def spy_learn(self, k, x, y, lam_hat, lam):
+        learnt.append((self.layout.block, k, x.copy(), lam.copy()))
+        return original_learn(self, k, x, y, lam_hat, lam)
+
+    def spy_finish(self, grads, k, epoch, loss, lr=None):
+        steps.append((self.layout.block, k, flat(grads)))
+        return original_finish(self, grads, k, epoch, loss, lr)
+
+    monkeypatch.setattr(PitTrainer, "learn", spy_learn)
+    monkeypatch.setattr(BlockTrainer, "finish_step", spy_finish)
+    size, every = 3, 5
+    trainers, result = trained(size, ["train.epochs=1", "train.lr=1e-300", "train.momentum=0",
+                                      f"monitor.every={every}", "monitor.fallback=1e-12"])
+    exact = result.history["fallback_exact"]
+    assert exact.tolist() == [0] * every + [1] * (B - every)
+    rel = result.history["monitor_costate_rel"]
+    assert np.isfinite(rel[0]).all() and np.isnan(rel[1:]).all()  # nothing to measure when exact
+    for k in range(every, B):
+        states, lams, ctxs, y = exact_chain(trainers, k)
+        for r in range(size):
+            blk, ctx = ctxs[r]
+            if r < size - 1:
+                (x, lam), = [(x, lam) for b, kk, x, lam in learnt if (b, kk) == (r, k)]
+                np.testing.assert_array_equal(x, states[r])
+                np.testing.assert_allclose(lam, lams[r], rtol=1e-12, atol=1e-300)
+            _, g_exact, _ = blk.backward(trainers[r].params, ctx, lam_out=lams[r], y=y)
+            (g,) = [g for b, kk, g in steps if (b, kk) == (r, k)]
+            np.testing.assert_allclose(g, flat(g_exact), rtol=1e-10, atol=1e-300)
+
+
+def test_fallback_above_every_error_changes_nothing():
+    _, plain = trained(3, ["train.epochs=2", "monitor.every=5"])
+    _, loose = trained(3, ["train.epochs=2", "monitor.every=5", "monitor.fallback=1e9"])
+    assert not loose.history["fallback_exact"].any()
+    for k in plain.params:
+        np.testing.assert_array_equal(plain.params[k], loose.params[k], err_msg=k)
+
+
+def test_fallback_returns_to_the_pipeline_and_reports_its_cost(tmp_path):
+    out = tmp_path / "f.h5"
+    argv = ["train", "--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20",
+            "--set", "train.epochs=3", "--set", "monitor.every=4", "--set",
+            "regression.ridge=1e-3", "--emulate", "4", "--out", str(out)]
+    # a bound between the errors the monitor sees: some stretches exact, some pipelined
+    rel = read_monitor(tmp_path, argv)
+    bound = float(np.median(np.nanmax(rel, axis=1)))
+    assert main(argv + ["--set", f"monitor.fallback={bound}"]) == 0
+    attrs, _, h, _, _ = read_result(str(out))
+    exact = h["fallback_exact"].astype(bool)
+    assert 0 < exact.sum() < len(exact)
+    assert (exact[:-1] & ~exact[1:]).any()  # returned to the pipeline at least once
+    summary = summarise(str(out))
+    assert f"{exact.sum()} iterations on exact co-states" in summary
+    from pitmpi.report import load
+    run = load(str(out))
+    n_exact, fills, sweeps = run.fallback_counts(run.iterations)
+    assert n_exact == exact.sum() and fills == 1 + int((exact[:-1] & ~exact[1:]).sum())
+    pit, serial = run.estimate()
+    a = run.attrs
+    assert pit == pytest.approx(
+        a["estimate_coarse_seconds"]
+        + (run.iterations - n_exact + 3 * fills) * a["estimate_iteration_seconds"]
+        + (n_exact + sweeps) * a["estimate_exact_iteration_seconds"])
+    assert a["estimate_exact_iteration_seconds"] > a["estimate_iteration_seconds"]
+
+
+def read_monitor(tmp_path, argv):
+    """The monitor's errors (iterations × boundaries) of a run without fallback."""
+    probe = tmp_path / "probe.h5"
+    assert main(argv[:-1] + [str(probe)]) == 0
+    return read_result(str(probe))[2]["monitor_costate_rel"]
+
+
 def test_emulate_gives_the_threaded_run_and_says_so(tmp_path, capsys):
     argv = ["train", "--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20",
             "--set", "train.epochs=2", "--set", "monitor.every=8"]

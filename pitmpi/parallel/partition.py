@@ -209,6 +209,8 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
     dict
         ``serial_iteration``: one iteration of the whole net on one rank;
         ``iteration``: one pipeline iteration, set by the busiest block;
+        ``exact_iteration``: one iteration on exact co-states
+        (``monitor.fallback``), the blocks one after another;
         ``coarse``: the coarse phase (on rank 0, or shared by all ranks).
     """
     n = cfg["train"]["batch_size"]
@@ -216,11 +218,12 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
     rate = MATMUL_RATE.get(net.dtype_name, 2.0e4) * 1e6  # multiply-adds per second
     costs = layer_costs(net, rows)
     B = len(bounds) - 1
-    blocks = []
+    blocks, sweep = [], 0.0
     for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         own = costs[a:b].sum() * rows
-        blocks.append(own + (boundary_cost * n if r < B - 1 else 0.0)
-                      + (own * middle_factor if 0 < r < B - 1 else 0.0))
+        regression = boundary_cost * n if r < B - 1 else 0.0
+        blocks.append(own + regression + (own * middle_factor if 0 < r < B - 1 else 0.0))
+        sweep += own + regression
     coarse = 0.0
     if coarse_iterations:
         co = cfg["coarse"]
@@ -228,7 +231,7 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
         cnet = net.with_layers(net.layers // co["factor"])
         coarse = coarse_iterations * layer_costs(cnet, crows).sum() * crows / rate
     return {"serial_iteration": layer_costs(net, n).sum() * n / rate,
-            "iteration": max(blocks) / rate, "coarse": coarse}
+            "iteration": max(blocks) / rate, "exact_iteration": sweep / rate, "coarse": coarse}
 
 
 def describe(bounds, costs, boundary_cost=0.0, middle_factor=0.0):

@@ -123,6 +123,18 @@ class PitTrainer(BlockTrainer):
             self.relay_block = self.net.block(a, b, reuse=True) if middle else None
         if cfg["monitor"]["every"] and self.layout.blocks > 1:
             self.monitor = CostateMonitor(self, cfg["monitor"]["every"], n_iter)
+        # monitor.fallback: exact co-states while the monitor finds predictions off
+        self.fallback = cfg["monitor"]["fallback"] if self.layout.blocks > 1 else 0.0
+        if self.fallback and not cfg["monitor"]["every"]:
+            raise ConfigError(f"monitor.fallback = {self.fallback} is not allowed with "
+                              "monitor.every = 0: the monitor's measurements trigger it "
+                              "(set monitor.every > 0)")
+        if self.fallback and self.delay:
+            raise ConfigError(f"monitor.fallback is not allowed with regression.delay = "
+                              f"{self.delay}: the exact sweeps follow the blocking schedule "
+                              "(set regression.delay = 0)")
+        self.exact_mode, self.exact_since = False, 0
+        self.exact = np.zeros(n_iter, dtype=bool)  # iterations trained on exact co-states
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
@@ -184,6 +196,8 @@ class PitTrainer(BlockTrainer):
         return k - self.pipeline_start >= rank or self.warmup == "coarse"
 
     def step(self, k, epoch):
+        if self.exact_mode:
+            return self.exact_step(k, epoch)
         blk, r = self.block, self.layout.block
         g = k - r
         needs_labels = blk.last or (self.reg is not None and self.reg.use_labels)
@@ -393,8 +407,71 @@ class PitTrainer(BlockTrainer):
             comm.wait(self.sends.popleft()[0])
 
     def run_monitor(self, k):
+        if self.exact_mode:  # this iteration's sweep was exact: nothing to measure
+            return 0.0
         self.drain()  # the sweep's messages must not meet the pipeline's
-        return super().run_monitor(k)
+        spent = super().run_monitor(k)
+        if self.fallback:
+            i = (k + 1) // self.monitor.every - 1
+            worst = self.worst_error(self.monitor.rel[i])
+            if worst > self.fallback:
+                self.exact_mode, self.exact_since = True, k + 1
+                self.log.debug("monitor.fallback: error %.3g > %g after iteration %d: exact "
+                               "co-states", worst, self.fallback, k)
+        return spent
+
+    # monitor.fallback ------------------------------------------------------
+    def worst_error(self, rel):
+        """Collective over the chain: the largest of the boundaries' errors
+        ``rel`` (this rank's; NaN on the last)."""
+        errors = np.zeros(self.layout.blocks)
+        if self.next is not None:
+            errors[self.layout.block] = rel
+        self.chain.allreduce_sum(errors)
+        return float(errors.max())
+
+    def exact_step(self, k, epoch):
+        """Iteration ``k`` on exact co-states (``monitor.fallback``): batch
+        ``k`` swept through every block with the current controls, each
+        boundary learning the exact pair and measuring its prediction; every
+        block updates with its exact gradient.  When every boundary's error
+        is at most the bound, the pipeline refills from iteration k + 1."""
+        self.exact[k] = True
+        y = self.labels(k)
+        err = [np.nan]
+
+        def at_boundary(ctx, lam):
+            x = np.array(ctx.output)
+            lam_hat = self.bounded(self.reg.predict(x, y, n=self.batches.batch_size))
+            self.learn(k, x, y, lam_hat, np.array(lam))
+            err[0] = self.rel[k]
+
+        check = lambda x_out: self.check_finite("state at its right boundary", x_out, k, epoch)
+        _, grads, (loss, correct) = self.exact_sweep(self.block, k, y, check=check,
+                                                     at_boundary=at_boundary)
+        loss = BlockTrainer.finish_step(self, grads, k, epoch, loss)  # exact: not damped
+        worst = self.worst_error(err[0])
+        if worst <= self.fallback:
+            self.exact_mode = False
+            self.log.debug("monitor.fallback: error %.3g after %d exact iterations: the "
+                           "pipeline refills", worst, k + 1 - self.exact_since)
+            self.restart_pipeline(k + 1)
+        return loss, correct, (len(y) if self.block.last else 0)
+
+    def progress_extra(self, epoch):
+        if not self.fallback:
+            return ""
+        B = self.batches.per_epoch
+        return f"  exact {100 * self.exact[epoch * B:(epoch + 1) * B].mean():.0f}%"
+
+    def restart_pipeline(self, k):
+        """Refill the pipeline from iteration ``k``: rank r waits r
+        iterations; nothing of the batches in flight before is learnt."""
+        self.pipeline_start, self.warmup = k, "wait"
+        self.sent = None
+        if self.relay:
+            self.ledger.clear()
+            self.lam_right[1] = 0.0
 
     def record_epoch(self, *args):
         self.drain()
@@ -409,6 +486,8 @@ class PitTrainer(BlockTrainer):
         est = critical_path(self.net, self.cfg, self.bounds, iterations, self.boundary_cost,
                             self.middle_factor, self.layout.replicas)
         attrs.update({f"estimate_{k}_seconds": v for k, v in est.items()})
+        if self.fallback:
+            attrs["fallback"] = self.fallback
         return extra, attrs
 
     def gather_extra_history(self, k_done):
@@ -417,6 +496,8 @@ class PitTrainer(BlockTrainer):
         if self.comm.rank != 0:
             return {}
         boundaries = self.layout.of_blocks(parts)[:-1]  # the last block predicts nothing
+        if self.fallback:  # every rank took the same decisions
+            monitored["fallback_exact"] = self.exact[:k_done].astype(np.int8)
         return {**{name: np.array([p[i] for p in boundaries]).reshape(-1, k_done).T
                    for i, name in enumerate(("regression_mse", "regression_rel"))}, **monitored}
 
@@ -435,6 +516,8 @@ class PitTrainer(BlockTrainer):
             state["lam_norm"] = np.float64(self.lam_norm)
         if self.damping:
             state["pred_error"] = np.float64(self.pred_error)
+        if self.exact_mode:
+            state["exact_since"] = np.int64(self.exact_since)
         if self.relay:
             state["relay_in"] = self.lam_right[1].copy()
             ids = sorted(self.ledger)
@@ -490,6 +573,13 @@ class PitTrainer(BlockTrainer):
             self.lam_norm = float(st["lam_norm"]) if "lam_norm" in st else None
             if self.damping and "pred_error" in st:
                 self.pred_error = float(st["pred_error"])
+            if self.pipeline_start > 0:  # refilled after a fallback: no coarse warm start
+                self.warmup = "wait"
+            if self.fallback:
+                self.exact_mode = "exact_since" in st
+                self.exact_since = int(st.get("exact_since", 0))
+                if "fallback_exact" in ckpt.history:
+                    self.exact[:k0] = ckpt.history["fallback_exact"][:k0]
             if self.relay and "relay_in" in st:
                 self.lam_right[1] = st["relay_in"]
                 for j, b in enumerate(st.get("ledger_ids", ())):

@@ -332,10 +332,15 @@ class Trainer:
         if self.cfg["output"]["progress"]:
             left = (self.epochs - epoch - 1) * epoch_seconds
             self.log.info("epoch %d/%d  loss %.4f  train %.2f%%  val %.2f%%  "
-                          "%.0f samples/s  ETA %.0fs", epoch + 1, self.epochs,
+                          "%.0f samples/s  ETA %.0fs%s", epoch + 1, self.epochs,
                           hist["train_loss"][-1], 100 * hist["train_acc"][-1],
                           100 * hist["val_acc"][-1],
-                          B * self.batches.batch_size / max(epoch_seconds, 1e-12), left)
+                          B * self.batches.batch_size / max(epoch_seconds, 1e-12), left,
+                          self.progress_extra(epoch))
+
+    def progress_extra(self, epoch):
+        """More of the epoch's progress line (rank 0), for the method to add."""
+        return ""
 
     def snapshot(self, epochs_done):
         """Collective: the run so far as a :class:`Result` (a complete checkpoint) on rank 0."""
