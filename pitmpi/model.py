@@ -11,8 +11,8 @@ Parameter names (DESIGN §2): ``open.K (w, d)``, ``open.b (w,)``,
 """
 import numpy as np
 
-from .kernels import (ACTIVATIONS, SCHEMES, Activation, Workspace, classifier_loss_and_grad,
-                      opening_backward, opening_forward, scores)
+from .kernels import (ACTIVATIONS, SCHEMES, Activation, Dense, Workspace,
+                      classifier_loss_and_grad, opening_backward, opening_forward, scores)
 from .kernels.workspace import scratch
 from .optim import SGD
 
@@ -85,7 +85,8 @@ class ResNet:
         self.dtype = DTYPES[dtype]
         self.store_trajectory = bool(store_trajectory)
         self.label_smoothing = float(label_smoothing)
-        self.state_width = self.scheme.state_width(self.width)
+        self.op = Dense(self.width)  # the ODE layers' linear map
+        self.state_width = self.scheme.state_width(self.op.size)
         self._full = None  # the reusing whole-network block of loss_and_grad
 
     def __repr__(self):
@@ -247,7 +248,8 @@ class Block:
                 x = np.hstack([S0, np.zeros_like(S0)])
         else:
             x = inp
-        traj = net.scheme.forward(params["K"], params["b"], net.h, x, net.act, store=store, ws=ws)
+        traj = net.scheme.forward(params["K"], params["b"], net.h, x, net.act, store=store, ws=ws,
+                                  op=net.op)
         return BlockForward(inp, S0, traj)
 
     def scores(self, params, ctx):
@@ -300,7 +302,8 @@ class Block:
         K, ws, dt = params["K"], self.ws, net.dtype
         gK = scratch(ws, GRADIENT_SLOTS["K"], K.shape, dt)
         gb = scratch(ws, GRADIENT_SLOTS["b"], params["b"].shape, dt)
-        lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb, ws)
+        lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb, ws,
+                                     net.op)
         grads["K"], grads["b"] = gK, gb
         if self.first:
             grads["open.K"], grads["open.b"] = opening_backward(

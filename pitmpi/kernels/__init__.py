@@ -1,19 +1,21 @@
 """Pure-NumPy forward and adjoint kernels (no MPI here).
 
 ``SCHEMES`` maps a scheme name to its module, each offering ``state_width``,
-``forward(K, b, h, x, act, store, ws)`` and ``backward(K, b, h, traj, lam,
-act, gK, gb, ws)`` on a contiguous block of layers (``ws``: an optional
-:class:`Workspace` of scratch arrays reused between calls).
+``forward(K, b, h, x, act, store, ws, op)`` and ``backward(K, b, h, traj,
+lam, act, gK, gb, ws, op)`` on a contiguous block of layers (``ws``: an
+optional :class:`Workspace` of scratch arrays reused between calls; ``op``:
+the layers' linear map, :class:`Dense` or :class:`Conv`).
 """
 from . import euler, verlet
 from .activations import ACTIVATIONS, Activation
 from .layers import (classifier_loss_and_grad, cross_entropy, opening_backward,
                      opening_forward, score_stats, scores)
+from .operators import Conv, Dense
 from .workspace import Workspace
 
 
-def _euler_backward(K, b, h, traj, lam, act, gK, gb, ws=None):
-    return euler.backward(K, h, traj, lam, act, gK, gb, ws)
+def _euler_backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
+    return euler.backward(K, h, traj, lam, act, gK, gb, ws, op)
 
 
 class _Scheme:
@@ -29,5 +31,5 @@ SCHEMES = {
     "verlet": _Scheme("verlet", verlet, verlet.backward),
 }
 
-__all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "Workspace", "classifier_loss_and_grad",
+__all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "Conv", "Dense", "Workspace", "classifier_loss_and_grad",
            "cross_entropy", "opening_backward", "opening_forward", "score_stats", "scores"]

@@ -96,11 +96,12 @@ class Activation:
         return f"Activation({self.name!r})"
 
 
-def prescaled(K, b, act, n, ws=None):
+def prescaled(K, b, act, elements, ws=None):
     """``(factor, factor·K, factor·b)`` for :meth:`Activation.apply_prescaled`
-    on (n, w) pre-activations of layers ``K`` (m, w, w), ``b`` (m, w): the
-    arrays themselves when the factor is 1, else scaled copies (in ``ws``)."""
-    factor = act.prescale(K.dtype, n * K.shape[-1])
+    on pre-activations of ``elements`` entries (n · op.size) of layers ``K``,
+    ``b`` (linear in both): the arrays themselves when the factor is 1, else
+    scaled copies (in ``ws``)."""
+    factor = act.prescale(K.dtype, elements)
     if factor == 1.0:
         return factor, K, b
     Ks = np.multiply(K, factor, out=scratch(ws, "Kpre", K.shape, K.dtype))

@@ -1,30 +1,35 @@
 """Explicit Euler ResNet block: forward sweep and hand-written adjoint.
 
-Conventions (DESIGN §2), rows are samples::
+Conventions (DESIGN §2, §10), rows are samples, ``op`` the layer's linear map
+(:mod:`~pitmpi.kernels.operators`; dense: ``op(Y, K) = Y @ K.T``)::
 
-    A_j = Y_j @ K[j].T + b[j],    Y_{j+1} = Y_j + h σ(A_j)
+    A_j = op(Y_j, K[j]) + b[j],    Y_{j+1} = Y_j + h σ(A_j)
 
 and, going back with ``Λ_j = ∂J/∂Y_j`` and ``D = σ'(A_j) ⊙ Λ_{j+1}``::
 
-    ∇K[j] = h Dᵀ Y_j,   ∇b[j] = h 1ᵀ D,   Λ_j = Λ_{j+1} + h D @ K[j].
+    ∇K[j] = h ∂_K⟨D, op(Y_j, K)⟩ (dense Dᵀ Y_j),   ∇b[j] = h Σ D,
+    Λ_j = Λ_{j+1} + h opᵀ(D, K[j]) (dense D @ K[j]).
 
-A block runs the layers it is given (``K`` of shape ``(m, w, w)`` holds the
-block's own layers), so a full network is the block ``[0, L)``.
+A block runs the layers it is given (``K`` of shape ``(m,) + op.kernel_shape``
+holds the block's own layers), so a full network is the block ``[0, L)``.
+States enter and leave flattened, (n, op.size).
 """
 import numpy as np
 
 from .activations import prescaled
+from .operators import Dense
 from .workspace import layers_per_chunk, scratch
 
 
-def state_width(width):
-    """Width of the state carried between layers: ``w`` for Euler."""
-    return width
+def state_width(size):
+    """Width of the flattened state carried between layers: ``op.size`` for Euler."""
+    return size
 
 
 class EulerTrajectory:
-    """States ``Y`` (m+1, n, w) and activations ``S = σ(A)`` (m, n, w);
-    with ``store=False`` only ``end`` (n, w) is kept and ``Y, S`` are None."""
+    """States ``Y`` (m+1, n, *s) and activations ``S = σ(A)`` (m, n, *s),
+    ``s = op.sample_shape``; with ``store=False`` only ``end`` (n, op.size)
+    is kept and ``Y, S`` are None."""
 
     def __init__(self, end, Y=None, S=None):
         self.end = end
@@ -37,20 +42,20 @@ class EulerTrajectory:
 
     @property
     def output(self):
-        """The state at the block's right end, shape (n, w)."""
+        """The state at the block's right end, shape (n, op.size)."""
         return self.end
 
 
-def forward(K, b, h, x, act, store=True, ws=None):
+def forward(K, b, h, x, act, store=True, ws=None, op=None):
     """Run layers ``K, b`` from the state ``x``.
 
     Parameters
     ----------
-    K : ndarray, shape (m, w, w)
-    b : ndarray, shape (m, w)
+    K : ndarray, shape (m,) + op.kernel_shape
+    b : ndarray, shape (m,) + op.bias_shape
     h : float
         Step size.
-    x : ndarray, shape (n, w)
+    x : ndarray, shape (n, op.size)
         State at the block's left end.
     act : Activation
     store : bool
@@ -59,80 +64,88 @@ def forward(K, b, h, x, act, store=True, ws=None):
     ws : Workspace, optional
         Where the trajectory lives (reused between calls; it is then valid
         until the next call with ``ws``).
+    op : operator, optional
+        The layers' linear map (default: dense of the width of ``K``).
 
     Returns
     -------
     EulerTrajectory
         Its ``end`` is a new array.
     """
+    op = op or Dense(K.shape[1])
     m = K.shape[0]
-    n, w = x.shape
+    n = x.shape[0]
+    shape = (n,) + op.sample_shape
     if store:
-        Y = scratch(ws, "Y", (m + 1, n, w), x.dtype)
-        S = scratch(ws, "S", (m, n, w), x.dtype)
+        Y = scratch(ws, "Y", (m + 1,) + shape, x.dtype)
+        S = scratch(ws, "S", (m,) + shape, x.dtype)
     else:
-        Y = [scratch(ws, "Ya", (n, w), x.dtype), scratch(ws, "Yb", (n, w), x.dtype)] * (m + 1)
-        S = [scratch(ws, "s", (n, w), x.dtype)] * m
-    Y[0][...] = x
-    factor, K, b = prescaled(K, b, act, n, ws)
+        Y = [scratch(ws, "Ya", shape, x.dtype), scratch(ws, "Yb", shape, x.dtype)] * (m + 1)
+        S = [scratch(ws, "s", shape, x.dtype)] * m
+    Y[0][...] = x.reshape(shape)
+    factor, K, b = prescaled(K, b, act, n * op.size, ws)
     with np.errstate(over="ignore"):
         for j in range(m):
             s = S[j]
-            np.matmul(Y[j], K[j].T, out=s)
-            s += b[j]
+            op.apply(Y[j], K[j], s, ws)
+            op.add_bias(s, b[j])
             act.apply_prescaled(s, factor)
             np.multiply(s, h, out=Y[j + 1])
             Y[j + 1] += Y[j]
-    end = np.array(Y[m])
+    end = np.array(Y[m]).reshape(n, op.size)
     return EulerTrajectory(end, Y, S) if store else EulerTrajectory(end)
 
 
-def backward(K, h, traj, lam, act, gK, gb, ws=None):
+def backward(K, h, traj, lam, act, gK, gb, ws=None, op=None):
     """Adjoint sweep through the block.
 
     Parameters
     ----------
-    K : ndarray, shape (m, w, w)
+    K : ndarray, shape (m,) + op.kernel_shape
     h : float
     traj : EulerTrajectory
         From :func:`forward` with the same ``K``.
-    lam : ndarray, shape (n, w)
+    lam : ndarray, shape (n, op.size)
         Co-state ``Λ`` at the block's right end (not modified).
     act : Activation
-    gK : ndarray, shape (m, w, w)
+    gK : ndarray, shape of ``K``
         Overwritten with ``∇K`` (weight decay not included).
-    gb : ndarray, shape (m, w)
+    gb : ndarray, shape (m,) + op.bias_shape
         Overwritten with ``∇b``.
     ws : Workspace, optional
         Scratch arrays reused between calls.
+    op : operator, optional
+        As for :func:`forward`.
 
     Returns
     -------
-    ndarray, shape (n, w)
+    ndarray, shape (n, op.size)
         Co-state at the block's left end (a new array).
     """
     if not traj.stored:
         raise ValueError("the Euler adjoint needs the stored trajectory (forward with store=True)")
+    op = op or Dense(K.shape[1])
     m = K.shape[0]
-    n, w = lam.shape
+    n = lam.shape[0]
+    shape = (n,) + op.sample_shape
     dt = lam.dtype
-    lam = np.array(lam, copy=True)
-    tmp = scratch(ws, "tmp", lam.shape, dt)
+    lam = np.array(lam, copy=True).reshape(shape)
+    tmp = scratch(ws, "tmp", shape, dt)
     # only the co-state recursion is sequential: per chunk of layers, σ' at
     # once, then the recursion keeping each layer's D, then the chunk's weight
     # gradients in batched products (three calls a layer with small layers)
-    c = layers_per_chunk(m, n * w * dt.itemsize)
-    D = scratch(ws, "D", (c, n, w), dt)
+    c = layers_per_chunk(m, n * op.size * dt.itemsize)
+    D = scratch(ws, "D", (c,) + shape, dt)
     hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
     for hi in range(m, 0, -c):
         lo = max(hi - c, 0)
         d = act.derivative(traj.S[lo:hi], D[:hi - lo])
         for i in range(hi - lo - 1, -1, -1):
             d[i] *= lam
-            np.matmul(d[i], hK[lo + i], out=tmp)
+            op.apply_t(d[i], hK[lo + i], tmp, ws)
             lam += tmp
-        np.matmul(d.transpose(0, 2, 1), traj.Y[lo:hi], out=gK[lo:hi])
-        np.sum(d, axis=1, out=gb[lo:hi])
+        op.weight_grads(d, traj.Y[lo:hi], gK[lo:hi], ws)
+        op.bias_grads(d, gb[lo:hi])
     gK *= h
     gb *= h
-    return lam
+    return lam.reshape(n, op.size)

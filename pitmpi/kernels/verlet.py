@@ -1,16 +1,19 @@
 """Verlet (Hamiltonian, leapfrog) ResNet block: forward and adjoint.
 
-Conventions (DESIGN §2), rows are samples, the state is the pair ``(Y, Z)``
-stored side by side as one array of width ``2w``::
+Conventions (DESIGN §2, §10), rows are samples, the state is the pair
+``(Y, Z)`` stored side by side as one flattened array of width ``2 op.size``;
+``op`` is the layers' linear map (:mod:`~pitmpi.kernels.operators`; dense
+``op(Y, K) = Y @ K.T`` and ``opᵀ(Y, K) = Y @ K``, conv ``conv`` and ``convᵀ``)::
 
-    A_j = Y_j @ K[j] + b[j],         Z_{j+1} = Z_j − h σ(A_j)
-    B_j = Z_{j+1} @ K[j].T + b[j],   Y_{j+1} = Y_j + h σ(B_j)
+    A_j = opᵀ(Y_j, K[j]) + b[j],       Z_{j+1} = Z_j − h σ(A_j)
+    B_j = op(Z_{j+1}, K[j]) + b[j],    Y_{j+1} = Y_j + h σ(B_j)
 
 Adjoint, ``E = σ'(B_j) ⊙ Λ^Y_{j+1}``, ``F = σ'(A_j) ⊙ Λ^Z_j``::
 
-    Λ^Z_j = Λ^Z_{j+1} + h E @ K[j]
-    Λ^Y_j = Λ^Y_{j+1} − h F @ K[j].T
-    ∇K[j] = h (Eᵀ Z_{j+1} − Y_jᵀ F),   ∇b[j] = h 1ᵀ(E − F)
+    Λ^Z_j = Λ^Z_{j+1} + h opᵀ(E, K[j])          (dense E @ K[j])
+    Λ^Y_j = Λ^Y_{j+1} − h op(F, K[j])           (dense F @ K[j].T)
+    ∇K[j] = h (∂_K⟨E, op(Z_{j+1}, K)⟩ − ∂_K⟨Y_j, op(F, K)⟩)
+          (dense h (Eᵀ Z_{j+1} − Y_jᵀ F)),     ∇b[j] = h Σ (E − F)
 
 The step is exactly invertible (``Y_j = Y_{j+1} − hσ(B_j)``, then
 ``Z_j = Z_{j+1} + hσ(A_j)``), so ``store=False`` keeps only the end state and
@@ -20,18 +23,21 @@ the price of a second forward sweep.
 import numpy as np
 
 from .activations import prescaled
+from .operators import Dense
 from .workspace import layers_per_chunk, scratch
 
 
-def state_width(width):
-    """Width of the state carried between layers: ``2w`` for Verlet."""
-    return 2 * width
+def state_width(size):
+    """Width of the flattened state carried between layers: ``2 op.size`` for Verlet."""
+    return 2 * size
 
 
 class VerletTrajectory:
-    """Stored sweep: ``Y, Z`` (m+1, n, w), ``SA = σ(A)``, ``SB = σ(B)`` (m, n, w).
+    """Stored sweep: ``Y, Z`` (m+1, n, *s), ``SA = σ(A)``, ``SB = σ(B)``
+    (m, n, *s), ``s = op.sample_shape``.
 
-    With ``store=False`` only ``end`` (n, 2w) is kept and the arrays are None.
+    With ``store=False`` only ``end`` (n, 2 op.size) is kept and the arrays
+    are None.
     """
 
     def __init__(self, end, Y=None, Z=None, SA=None, SB=None):
@@ -44,118 +50,140 @@ class VerletTrajectory:
 
     @property
     def output(self):
-        """The state ``[Y, Z]`` at the block's right end, shape (n, 2w)."""
+        """The state ``[Y, Z]`` at the block's right end, shape (n, 2 op.size)."""
         return self.end
 
 
-def _step(Kj, bj, h, Yj, Zj, act, factor, sa, sb, Yn, Zn):
+def halves(x, op):
+    """The ``Y`` and ``Z`` halves of flattened states ``x`` (n, 2 op.size),
+    as views of shape (n,) + op.sample_shape."""
+    n, size = x.shape[0], op.size
+    return (x[:, :size].reshape((n,) + op.sample_shape),
+            x[:, size:].reshape((n,) + op.sample_shape))
+
+
+def joined(Y, Z):
+    """``[Y, Z]`` flattened side by side: (n, 2 op.size), a new array."""
+    n = Y.shape[0]
+    return np.hstack([Y.reshape(n, -1), Z.reshape(n, -1)])
+
+
+def _step(Kj, bj, h, Yj, Zj, act, factor, sa, sb, Yn, Zn, op, ws):
     """One leapfrog step from ``(Yj, Zj)`` into ``(Yn, Zn)``; fills ``sa, sb``
     (``Kj, bj`` scaled by ``factor``, see :func:`prescaled`)."""
-    np.matmul(Yj, Kj, out=sa)
-    sa += bj
+    op.apply_t(Yj, Kj, sa, ws)
+    op.add_bias(sa, bj)
     act.apply_prescaled(sa, factor)
     np.multiply(sa, -h, out=Zn)
     Zn += Zj
-    np.matmul(Zn, Kj.T, out=sb)
-    sb += bj
+    op.apply(Zn, Kj, sb, ws)
+    op.add_bias(sb, bj)
     act.apply_prescaled(sb, factor)
     np.multiply(sb, h, out=Yn)
     Yn += Yj
 
 
-def forward(K, b, h, x, act, store=True, ws=None):
+def forward(K, b, h, x, act, store=True, ws=None, op=None):
     """Run layers ``K, b`` from the state ``x = [Y, Z]``.
 
     Parameters
     ----------
-    K : ndarray, shape (m, w, w)
-    b : ndarray, shape (m, w)
+    K : ndarray, shape (m,) + op.kernel_shape
+    b : ndarray, shape (m,) + op.bias_shape
     h : float
-    x : ndarray, shape (n, 2w)
+    x : ndarray, shape (n, 2 op.size)
     act : Activation
     store : bool
         Keep the whole trajectory (True) or only the end state (False).
     ws : Workspace, optional
         Where the trajectory and scratch arrays live (reused between calls;
         the trajectory is then valid until the next call with ``ws``).
+    op : operator, optional
+        The layers' linear map (default: dense of the width of ``K``).
 
     Returns
     -------
     VerletTrajectory
         Its ``end`` is a new array.
     """
-    factor, K, b = prescaled(K, b, act, x.shape[0], ws)
+    op = op or Dense(K.shape[1])
+    factor, K, b = prescaled(K, b, act, x.shape[0] * op.size, ws)
     with np.errstate(over="ignore"):
-        return _forward(K, b, h, x, act, factor, store, ws)
+        return _forward(K, b, h, x, act, factor, store, ws, op)
 
 
-def _forward(K, b, h, x, act, factor, store, ws):
-    m, w = K.shape[0], K.shape[1]
+def _forward(K, b, h, x, act, factor, store, ws, op):
+    m = K.shape[0]
     n, dt = x.shape[0], x.dtype
+    shape = (n,) + op.sample_shape
+    x_Y, x_Z = halves(x, op)
     if store:
-        Y = scratch(ws, "Y", (m + 1, n, w), dt)
-        Z = scratch(ws, "Z", (m + 1, n, w), dt)
-        SA = scratch(ws, "SA", (m, n, w), dt)
-        SB = scratch(ws, "SB", (m, n, w), dt)
-        Y[0] = x[:, :w]
-        Z[0] = x[:, w:]
+        Y = scratch(ws, "Y", (m + 1,) + shape, dt)
+        Z = scratch(ws, "Z", (m + 1,) + shape, dt)
+        SA = scratch(ws, "SA", (m,) + shape, dt)
+        SB = scratch(ws, "SB", (m,) + shape, dt)
+        Y[0] = x_Y
+        Z[0] = x_Z
         for j in range(m):
-            _step(K[j], b[j], h, Y[j], Z[j], act, factor, SA[j], SB[j], Y[j + 1], Z[j + 1])
-        return VerletTrajectory(np.hstack([Y[-1], Z[-1]]), Y, Z, SA, SB)
-    Yc, Zc, Yn, Zn, sa, sb = (scratch(ws, name, (n, w), dt)
+            _step(K[j], b[j], h, Y[j], Z[j], act, factor, SA[j], SB[j], Y[j + 1], Z[j + 1],
+                  op, ws)
+        return VerletTrajectory(joined(Y[-1], Z[-1]), Y, Z, SA, SB)
+    Yc, Zc, Yn, Zn, sa, sb = (scratch(ws, name, shape, dt)
                               for name in ("Yc", "Zc", "Yn", "Zn", "sa", "sb"))
-    Yc[...] = x[:, :w]
-    Zc[...] = x[:, w:]
+    Yc[...] = x_Y
+    Zc[...] = x_Z
     for j in range(m):
-        _step(K[j], b[j], h, Yc, Zc, act, factor, sa, sb, Yn, Zn)
+        _step(K[j], b[j], h, Yc, Zc, act, factor, sa, sb, Yn, Zn, op, ws)
         Yc, Yn = Yn, Yc
         Zc, Zn = Zn, Zc
-    return VerletTrajectory(np.hstack([Yc, Zc]))
+    return VerletTrajectory(joined(Yc, Zc))
 
 
-def backward(K, b, h, traj, lam, act, gK, gb, ws=None):
+def backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
     """Adjoint sweep through the block, from a stored or an end-only trajectory.
 
     Parameters
     ----------
-    K : ndarray, shape (m, w, w)
-    b : ndarray, shape (m, w)
+    K : ndarray, shape (m,) + op.kernel_shape
+    b : ndarray, shape (m,) + op.bias_shape
         Needed only to rebuild states when ``traj`` is end-only.
     h : float
     traj : VerletTrajectory
-    lam : ndarray, shape (n, 2w)
+    lam : ndarray, shape (n, 2 op.size)
         Co-state ``[Λ^Y, Λ^Z]`` at the block's right end (not modified).
     act : Activation
-    gK : ndarray, shape (m, w, w)
+    gK : ndarray, shape of ``K``
         Overwritten with ``∇K`` (weight decay not included).
-    gb : ndarray, shape (m, w)
+    gb : ndarray, shape of ``b``
         Overwritten with ``∇b``.
     ws : Workspace, optional
         Scratch arrays reused between calls.
+    op : operator, optional
+        As for :func:`forward`.
 
     Returns
     -------
-    ndarray, shape (n, 2w)
+    ndarray, shape (n, 2 op.size)
         Co-state at the block's left end (a new array).
     """
-    w = K.shape[1]
+    op = op or Dense(K.shape[1])
     n, dt = lam.shape[0], lam.dtype
-    lamY, lamZ, tmp = (scratch(ws, name, (n, w), dt) for name in ("lamY", "lamZ", "tmp"))
-    lamY[...] = lam[:, :w]
-    lamZ[...] = lam[:, w:]
+    shape = (n,) + op.sample_shape
+    lamY, lamZ, tmp = (scratch(ws, name, shape, dt) for name in ("lamY", "lamZ", "tmp"))
+    lamY[...], lamZ[...] = halves(lam, op)
     if traj.stored:
-        _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws)
+        _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op)
     else:
-        _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws)
-    return np.hstack([lamY, lamZ])
+        _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op)
+    return joined(lamY, lamZ)
 
 
-def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
+def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op):
     """The adjoint sweep over a stored trajectory, in place on ``lamY, lamZ``,
     a chunk of layers (:func:`~pitmpi.kernels.workspace.layers_per_chunk`)
     at a time."""
     m = K.shape[0]
-    bufs = _ChunkBuffers(K, h, lamY, ws)
+    bufs = _ChunkBuffers(K, h, lamY, ws, op)
     for hi in range(m, 0, -bufs.c):
         lo = max(hi - bufs.c, 0)
         bufs.adjoint(lo, hi, traj.Y[lo:hi + 1], traj.Z[lo:hi + 1], traj.SA[lo:hi],
@@ -164,27 +192,28 @@ def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
     gb *= h
 
 
-def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws):
+def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op):
     """The adjoint sweep rebuilding the states backwards (``store=False``), in
     place on ``lamY, lamZ``: each chunk of layers is rebuilt from its right
     end into chunk-sized buffers, then swept as a stored one, so memory stays
     independent of depth."""
-    w = K.shape[1]
     n, dt = lamY.shape[0], lamY.dtype
-    bufs = _ChunkBuffers(K, h, lamY, ws)
+    shape = lamY.shape
+    bufs = _ChunkBuffers(K, h, lamY, ws, op)
     c = bufs.c
-    Y, Z = (scratch(ws, name, (c + 1, n, w), dt) for name in ("rY", "rZ"))
-    SA, SB = (scratch(ws, name, (c, n, w), dt) for name in ("rSA", "rSB"))
-    Y[c] = traj.end[:, :w]
-    Z[c] = traj.end[:, w:]
-    factor, Ks, bs = prescaled(K, b, act, n, ws)
+    Y, Z = (scratch(ws, name, (c + 1,) + shape, dt) for name in ("rY", "rZ"))
+    SA, SB = (scratch(ws, name, (c,) + shape, dt) for name in ("rSA", "rSB"))
+    Y[c], Z[c] = halves(traj.end, op)
+    factor, Ks, bs = prescaled(K, b, act, n * op.size, ws)
     with np.errstate(over="ignore"):
-        _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb)
+        _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK,
+                           gb, op, ws)
     gK *= h
     gb *= h
 
 
-def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb):
+def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb,
+                       op, ws):
     """Chunk by chunk from the right: rebuild the states with the prescaled
     ``Ks, bs``, then the chunk's adjoint (with ``K``)."""
     m, c = K.shape[0], bufs.c
@@ -197,13 +226,13 @@ def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ
         for i in range(k - 1, -1, -1):
             # invert the leapfrog step: Y_j from (Y_{j+1}, Z_{j+1}), then Z_j
             j = lo + i
-            np.matmul(Z[i + 1], Ks[j].T, out=SB[i])
-            SB[i] += bs[j]
+            op.apply(Z[i + 1], Ks[j], SB[i], ws)
+            op.add_bias(SB[i], bs[j])
             act.apply_prescaled(SB[i], factor)
             np.multiply(SB[i], -h, out=Y[i])
             Y[i] += Y[i + 1]
-            np.matmul(Y[i], Ks[j], out=SA[i])
-            SA[i] += bs[j]
+            op.apply_t(Y[i], Ks[j], SA[i], ws)
+            op.add_bias(SA[i], bs[j])
             act.apply_prescaled(SA[i], factor)
             np.multiply(SA[i], h, out=Z[i])
             Z[i] += Z[i + 1]
@@ -212,17 +241,18 @@ def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ
 
 class _ChunkBuffers:
     """What the adjoint of a chunk of layers needs besides the trajectory:
-    ``hK`` for all layers, and chunk-sized ``E, F`` (c, n, w) and ``G`` (c, w, w)."""
+    ``hK`` for all layers, and chunk-sized ``E, F`` (c, n, *s) and ``G``
+    (c,) + op.kernel_shape."""
 
-    def __init__(self, K, h, lam, ws):
-        m, w = K.shape[0], K.shape[1]
-        n, dt = lam.shape[0], lam.dtype
-        self.c = layers_per_chunk(m, n * w * dt.itemsize)
-        self.E = scratch(ws, "E", (self.c, n, w), dt)  # σ'(B_j), then ⊙ Λ^Y_{j+1}
-        self.F = scratch(ws, "F", (self.c, n, w), dt)  # σ'(A_j), then ⊙ Λ^Z_j
-        self.G = scratch(ws, "gtmp", (self.c, w, w), dt)
+    def __init__(self, K, h, lam, ws, op):
+        m = K.shape[0]
+        dt = lam.dtype
+        self.op, self.ws = op, ws
+        self.c = layers_per_chunk(m, lam.size * dt.itemsize)
+        self.E = scratch(ws, "E", (self.c,) + lam.shape, dt)  # σ'(B_j), then ⊙ Λ^Y_{j+1}
+        self.F = scratch(ws, "F", (self.c,) + lam.shape, dt)  # σ'(A_j), then ⊙ Λ^Z_j
+        self.G = scratch(ws, "gtmp", (self.c,) + K.shape[1:], dt)
         self.hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
-        self.hKT = self.hK.transpose(0, 2, 1)
 
     def adjoint(self, lo, hi, Y, Z, SA, SB, act, lamY, lamZ, tmp, gK, gb):
         """Sweep layers ``[lo, hi)`` back, given their states ``Y, Z``
@@ -237,17 +267,17 @@ class _ChunkBuffers:
         e, f, g = self.E[:k], self.F[:k], self.G[:k]
         act.derivative(SB, e)
         act.derivative(SA, f)
-        hK, hKT = self.hK, self.hKT
+        hK, op, ws = self.hK, self.op, self.ws
         for i in range(k - 1, -1, -1):
             e[i] *= lamY
-            np.matmul(e[i], hK[lo + i], out=tmp)
+            op.apply_t(e[i], hK[lo + i], tmp, ws)
             lamZ += tmp
             f[i] *= lamZ
-            np.matmul(f[i], hKT[lo + i], out=tmp)
+            op.apply(f[i], hK[lo + i], tmp, ws)
             lamY -= tmp
-        # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j)
-        np.matmul(e.transpose(0, 2, 1), Z[1:], out=gK[lo:hi])
-        np.matmul(Y[:-1].transpose(0, 2, 1), f, out=g)
+        # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j) (dense)
+        op.weight_grads(e, Z[1:], gK[lo:hi], ws)
+        op.weight_grads(Y[:-1], f, g, ws)
         gK[lo:hi] -= g
-        np.sum(e, axis=1, out=gb[lo:hi])
-        gb[lo:hi] -= f.sum(axis=1)
+        op.bias_grads(e, gb[lo:hi])
+        gb[lo:hi] -= op.bias_grads(f)

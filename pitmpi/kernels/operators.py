@@ -1,0 +1,179 @@
+"""The linear map inside an ODE layer: dense (matrix) or convolution.
+
+The Euler and Verlet kernels are written once over an operator ``op`` that
+knows how to apply a layer's weights ``K[j]`` to a stack of per-sample
+states and how to form the weights' gradient (DESIGN §10, §11.5):
+
+- ``op.apply(x, Kj, out)``: ``conv(x, Kj)``; dense ``x @ Kj.T``;
+- ``op.apply_t(x, Kj, out)``: the adjoint, ``convᵀ(x, Kj)``; dense ``x @ Kj``,
+  so that ``⟨apply(x, K), v⟩ = ⟨x, apply_t(v, K)⟩``;
+- ``op.add_bias(s, bj)``: one bias per unit (dense) or per channel (conv);
+- ``op.weight_grads(D, X, out)``: ``out[i] = ∂/∂K ⟨D[i], apply(X[i], K)⟩``
+  for a chunk of layers (dense ``D[i]ᵀ X[i]``);
+- ``op.bias_grads(D, out)``: ``out[i] = ∂/∂b ⟨D[i], s + b⟩`` (the sum over
+  samples, and positions for a convolution).
+
+A state of ``n`` samples has shape ``(n,) + op.sample_shape`` inside the
+kernels and travels between blocks flattened to ``(n, op.size)``.
+"""
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .workspace import scratch
+
+
+class Dense:
+    """``K[j]`` of shape (w, w) on states (n, w): matrix products.
+
+    Parameters
+    ----------
+    width : int
+        ``w``.
+    """
+
+    kind = "dense"
+
+    def __init__(self, width):
+        self.width = int(width)
+        self.sample_shape = (self.width,)
+        self.size = self.width
+        self.kernel_shape = (self.width, self.width)
+        self.bias_shape = (self.width,)
+
+    def apply(self, x, Kj, out, ws=None):
+        return np.matmul(x, Kj.T, out=out)
+
+    def apply_t(self, x, Kj, out, ws=None):
+        return np.matmul(x, Kj, out=out)
+
+    def add_bias(self, s, bj):
+        s += bj
+
+    def weight_grads(self, D, X, out, ws=None):
+        """``out[i] = D[i]ᵀ X[i]``: D, X (k, n, w), out (k, w, w)."""
+        return np.matmul(D.transpose(0, 2, 1), X, out=out)
+
+    def bias_grads(self, D, out=None):
+        """``Σ_samples D[i]``: D (k, n, w), out (k, w)."""
+        return np.sum(D, axis=1, out=out)
+
+    def macs(self):
+        """Multiply-adds of one ``apply`` per sample."""
+        return self.width * self.width
+
+
+class Conv:
+    """``K[j]`` of shape (c, c, k, k) (out, in, kernel) on states
+    (n, c, H, W): cross-correlation with "same" zero padding, stride 1
+    (DESIGN §10), through an im2col view (:func:`im2col`) and matrix
+    products.
+
+    Parameters
+    ----------
+    channels : int
+        ``c``.
+    height, width : int
+        ``H, W`` of every ODE layer's state.
+    kernel : int
+        ``k``, odd.
+    """
+
+    kind = "conv"
+
+    def __init__(self, channels, height, width, kernel):
+        self.channels, self.height, self.width = int(channels), int(height), int(width)
+        self.kernel = int(kernel)
+        if self.kernel % 2 != 1:
+            raise ValueError(f"kernel must be odd for 'same' padding, got {kernel!r}")
+        c, k = self.channels, self.kernel
+        self.sample_shape = (c, self.height, self.width)
+        self.size = c * self.height * self.width
+        self.kernel_shape = (c, c, k, k)
+        self.bias_shape = (c,)
+
+    def _cols(self, x, ws, name):
+        n, c, H, W = x.shape
+        p = self.kernel // 2
+        padded = scratch(ws, name + ".pad", (n, c, H + 2 * p, W + 2 * p), x.dtype)
+        return im2col(x, self.kernel, out=scratch(ws, name, cols_shape(x.shape, self.kernel),
+                                                   x.dtype), padded=padded)
+
+    def apply(self, x, Kj, out, ws=None):
+        """``conv(x, Kj)``: x, out (n, c, H, W)."""
+        cols = self._cols(x, ws, "cols")
+        n, c = x.shape[0], self.channels
+        np.matmul(Kj.reshape(c, -1), cols, out=out.reshape(n, c, -1))
+        return out
+
+    def apply_t(self, x, Kj, out, ws=None):
+        """``convᵀ(x, Kj)``: the correlation with the kernel flipped in space
+        and its channels swapped."""
+        flipped = Kj[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        Kt = scratch(ws, "Kflip", flipped.shape, Kj.dtype)
+        Kt[...] = flipped
+        return self.apply(x, Kt, out, ws)
+
+    def add_bias(self, s, bj):
+        s += bj[:, None, None]
+
+    def weight_grads(self, D, X, out, ws=None):
+        """``out[i] = Σ_samples D[i] ⋆ X[i]``: D, X (k, n, c, H, W), out (k, c, c, kh, kw)."""
+        c = self.channels
+        for i in range(D.shape[0]):
+            cols = self._cols(X[i], ws, "gcols")  # (n, c k k, H W)
+            n = cols.shape[0]
+            d = D[i].reshape(n, c, -1)
+            per = scratch(ws, "gper", (n, c, cols.shape[1]), D.dtype)
+            np.matmul(d, cols.transpose(0, 2, 1), out=per)
+            np.sum(per, axis=0, out=out[i].reshape(c, -1))
+        return out
+
+    def bias_grads(self, D, out=None):
+        """``Σ_{samples, positions} D[i]``: D (k, n, c, H, W), out (k, c)."""
+        return np.sum(D, axis=(1, 3, 4), out=out)
+
+    def macs(self):
+        """Multiply-adds of one ``apply`` per sample."""
+        return self.size * self.channels * self.kernel * self.kernel
+
+
+def cols_shape(shape, k):
+    """Shape of :func:`im2col` of states ``shape`` (n, c, H, W): (n, c k k, H W)."""
+    n, c, H, W = shape
+    return (n, c * k * k, H * W)
+
+
+def im2col(x, k, out=None, padded=None):
+    """The k × k neighbourhoods of every position, zero-padded ("same").
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, c, H, W)
+    k : int
+        Odd kernel size.
+    out : ndarray, shape (n, c k k, H W), optional
+    padded : ndarray, shape (n, c, H + k − 1, W + k − 1), optional
+        Scratch for the zero-padded copy of ``x``.
+
+    Returns
+    -------
+    ndarray, shape (n, c k k, H W)
+        ``out[s, (ch, a, b), (i, j)] = x[s, ch, i + a − k//2, j + b − k//2]``
+        (0 outside the image), so that a kernel ``K`` (c_out, c, k, k) gives
+        the correlation as ``K.reshape(c_out, -1) @ out[s]``.
+    """
+    n, c, H, W = x.shape
+    p = k // 2
+    if padded is None:
+        padded = np.empty((n, c, H + 2 * p, W + 2 * p), dtype=x.dtype)
+    if p:
+        padded[:, :, :p] = 0
+        padded[:, :, -p:] = 0
+        padded[:, :, :, :p] = 0
+        padded[:, :, :, -p:] = 0
+    padded[:, :, p:p + H, p:p + W] = x
+    windows = sliding_window_view(padded, (k, k), axis=(2, 3))  # (n, c, H, W, k, k)
+    if out is None:
+        out = np.empty(cols_shape(x.shape, k), dtype=x.dtype)
+    out.reshape(n, c, k, k, H, W)[...] = windows.transpose(0, 1, 4, 5, 2, 3)
+    return out
