@@ -70,8 +70,18 @@ SCHEMA = {
         "seed": Key("int", 0, "seed of generated datasets (ellipses)", minimum=0),
     },
     "model": {
+        "kind": Key("str", "dense", "the ODE layers' linear map: a matrix (dense) or a 'same' "
+                                    "convolution over images (conv; mnist, or an .npz of "
+                                    "images)", choices=("dense", "conv")),
         "scheme": Key("str", "verlet", "ODE discretisation", choices=("euler", "verlet")),
-        "width": Key("int", 16, "layer width w", minimum=1),
+        "width": Key("int", 16, "layer width w (dense)", minimum=1),
+        "channels": Key("int", 8, "conv: channels of every ODE layer's state", minimum=1),
+        "kernel": Key("int", 3, "conv: kernel size k (k x k, odd)", choices=(1, 3, 5, 7)),
+        "stride": Key("int", 1, "conv: the opening layer's stride; the ODE layers work at "
+                                "ceil(H / stride) x ceil(W / stride)", minimum=1),
+        "classifier": Key("str", "flatten", "conv: the classifier reads the whole last state "
+                                            "(flatten) or its per-channel means (pool)",
+                          choices=("flatten", "pool")),
         "layers": Key("int", 32, "number of ODE layers L", minimum=1),
         "T": Key("float", 5.0, "final time (step h = T / L)", minimum=0.0, strict_min=True),
         "activation": Key("str", "tanh", "activation", choices=("tanh", "relu")),
@@ -165,6 +175,10 @@ SCHEMA = {
                                       "mean relative error against the co-states that arrived "
                                       "there (error), or not (none); the last block is exact",
                        choices=("none", "error")),
+        "pool": Key("int", 0, "conv: fit on each channel's means over P x P patches of the "
+                              "boundary state's positions instead of the whole state (the "
+                              "co-states are still predicted whole); 0: the whole state",
+                    minimum=0),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
                                      "(per-class: the classes' refits spread over those k "
                                      "arrivals; pairs are always added)", minimum=1),

@@ -36,6 +36,9 @@ class Dataset:
     n_classes : int
     n_features : int
         ``d``, known also where the features are not held.
+    image_shape : tuple of int or None
+        ``(C, H, W)`` when the samples are images (flattened, channel by
+        channel, into the ``d = C H W`` features), else None.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Dataset:
     y_val: np.ndarray
     n_classes: int
     n_features: int
+    image_shape: tuple = None
 
     def summary(self):
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_val)} validation samples, "
@@ -127,7 +131,7 @@ def _standardise(x_train, x_val, n, d, dtype, prepare, chunk):
 
 
 def _finish(name, xt, yt, xv, yv, n_classes=None, dtype=np.float64, features=True,
-            prepare=as_float64, n_features=None, source=None):
+            prepare=as_float64, n_features=None, source=None, image_shape=None):
     """The :class:`Dataset` of raw splits: features standardised into ``dtype``
     (or dropped, ``features=False``; ``xt`` may then be None if
     ``n_features`` is given), labels as int64."""
@@ -145,7 +149,7 @@ def _finish(name, xt, yt, xv, yv, n_classes=None, dtype=np.float64, features=Tru
     check_labels(source or name, yt, yv)
     if n_classes is None:
         n_classes = int(max(yt.max(), yv.max())) + 1
-    return Dataset(name, xt, yt, xv, yv, n_classes, n_features)
+    return Dataset(name, xt, yt, xv, yv, n_classes, n_features, image_shape)
 
 
 def check_labels(source, y_train, y_test):
@@ -308,11 +312,14 @@ def mnist(path=None, check_md5=True, dtype=np.float64, features=True):
         if y.max() > 9:
             raise DataError(f"{os.path.join(root, name)}: label {int(y.max())} outside 0..9")
     if not features:
-        d = int(np.prod(arrays["train-images-idx3-ubyte.gz"][1:]))
-        return _finish("mnist", None, yt, None, yv, 10, features=False, n_features=d)
+        dims = tuple(int(v) for v in arrays["train-images-idx3-ubyte.gz"][1:])
+        return _finish("mnist", None, yt, None, yv, 10, features=False,
+                       n_features=int(np.prod(dims)), image_shape=(1,) + dims)
+    dims = arrays["train-images-idx3-ubyte.gz"].shape[1:]
     xt = arrays["train-images-idx3-ubyte.gz"].reshape(60000, -1)
     xv = arrays["t10k-images-idx3-ubyte.gz"].reshape(10000, -1)
-    return _finish("mnist", xt, yt, xv, yv, 10, dtype, prepare=lambda pixels: pixels / 255.0)
+    return _finish("mnist", xt, yt, xv, yv, 10, dtype, prepare=lambda pixels: pixels / 255.0,
+                   image_shape=(1,) + tuple(int(v) for v in dims))
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -321,9 +328,10 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 def npz(path, dtype=np.float64, features=True):
     """A user ``.npz`` file with keys ``x_train, y_train, x_test, y_test``.
 
-    Images of any shape are flattened; integer features are taken as pixel
-    data and scaled to [0, 1]; labels must be integers ``0..c-1``.  ``dtype``,
-    ``features``: see :func:`load`.
+    Images of any shape are flattened (``(n, H, W)`` and ``(n, C, H, W)``
+    arrays are images that a conv net can read: ``image_shape``); integer
+    features are taken as pixel data and scaled to [0, 1]; labels must be
+    integers ``0..c-1``.  ``dtype``, ``features``: see :func:`load`.
     """
     if not path:
         raise DataError("data.path must name the .npz file for data.name = 'npz'")
@@ -366,8 +374,12 @@ def npz(path, dtype=np.float64, features=True):
     if xs["train"][0].shape[1] != xs["test"][0].shape[1]:
         raise DataError(f"{path}: x_train has {xs['train'][0].shape[1]} features per sample, "
                         f"x_test {xs['test'][0].shape[1]}")
+    sample = arrs["x_train"].shape[1:]
+    image_shape = None
+    if len(sample) in (2, 3) and arrs["x_test"].shape[1:] == sample:
+        image_shape = tuple(int(v) for v in ((1,) + sample if len(sample) == 2 else sample))
     return _finish("npz", xs["train"][0], xs["train"][1], xs["test"][0], xs["test"][1],
-                   dtype=dtype, features=features, source=path)
+                   dtype=dtype, features=features, source=path, image_shape=image_shape)
 
 
 def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", features=True):

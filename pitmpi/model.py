@@ -6,12 +6,15 @@ the classifier and loss.  The whole network is the block ``[0, L)``, so the
 serial trainer and every parallel method run the same code.
 
 Parameter names (DESIGN §2): ``open.K (w, d)``, ``open.b (w,)``,
-``K (L, w, w)``, ``b (L, w)``, ``cls.W (c, w)``, ``cls.b (c,)``.  A block's
-*local* parameters hold only its own layers: ``K (b-a, w, w)``, ``b (b-a, w)``.
+``K (L, w, w)``, ``b (L, w)``, ``cls.W (c, w)``, ``cls.b (c,)``; for a
+convolutional net (DESIGN §10, ``w`` channels, images ``(C, H, W)``, k × k
+kernels): ``open.K (w, C, k, k)``, ``open.b (w,)``, ``K (L, w, w, k, k)``,
+``b (L, w)``, ``cls.W (c, w H' W')`` (flatten) or ``(c, w)`` (pool).  A
+block's *local* parameters hold only its own layers: ``K[a:b]``, ``b[a:b]``.
 """
 import numpy as np
 
-from .kernels import (ACTIVATIONS, SCHEMES, Activation, Dense, Workspace,
+from .kernels import (ACTIVATIONS, SCHEMES, Activation, Conv, Dense, Workspace,
                       classifier_loss_and_grad, opening_backward, opening_forward, scores)
 from .kernels.workspace import scratch
 from .optim import SGD
@@ -21,6 +24,8 @@ OPENING = ("open.K", "open.b")
 LAYERS = ("K", "b")
 CLASSIFIER = ("cls.W", "cls.b")
 DTYPES = {"float64": np.float64, "float32": np.float32}
+KINDS = ("dense", "conv")
+CLASSIFIERS = ("flatten", "pool")
 
 
 class ResNet:
@@ -32,7 +37,7 @@ class ResNet:
     n_features : int
         Input dimension ``d``.
     width : int
-        Layer width ``w``.
+        Layer width ``w`` (dense), or channels (conv).
     layers : int
         Number of ODE layers ``L``.
     n_classes : int
@@ -49,11 +54,24 @@ class ResNet:
     label_smoothing : float
         ``ε`` in [0, 1): the training loss's target is ``(1 − ε) onehot(y)
         + ε / c`` (evaluation scores plain cross-entropy).
+    kind : {"dense", "conv"}
+        The ODE layers' linear map (:mod:`~pitmpi.kernels.operators`).
+    image_shape : tuple of int, optional
+        Conv: the inputs' ``(C, H, W)`` (``C H W = n_features``).
+    kernel : int
+        Conv: the kernels' size ``k`` (odd).
+    stride : int
+        Conv: the opening layer's stride (the ODE layers work at
+        ``ceil(H / stride) × ceil(W / stride)``).
+    classifier : {"flatten", "pool"}
+        Conv: the classifier reads the whole last state, or its
+        per-channel means (global average pooling).
     """
 
     def __init__(self, scheme, n_features, width, layers, n_classes, T,
                  activation="tanh", weight_decay=0.0, dtype="float64",
-                 store_trajectory=True, label_smoothing=0.0):
+                 store_trajectory=True, label_smoothing=0.0, kind="dense", image_shape=None,
+                 kernel=3, stride=1, classifier="flatten"):
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
         if activation not in ACTIVATIONS:
@@ -85,32 +103,59 @@ class ResNet:
         self.dtype = DTYPES[dtype]
         self.store_trajectory = bool(store_trajectory)
         self.label_smoothing = float(label_smoothing)
-        self.op = Dense(self.width)  # the ODE layers' linear map
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"unknown classifier {classifier!r}; allowed: {', '.join(CLASSIFIERS)}")
+        self.kind, self.kernel, self.stride, self.classifier = kind, int(kernel), int(stride), classifier
+        self.image_shape = None if image_shape is None else tuple(int(v) for v in image_shape)
+        if kind == "dense":
+            if classifier != "flatten":
+                raise ValueError("a dense net's classifier reads the whole state (flatten)")
+            self.open_op = Dense(self.width, self.n_features)  # the opening layer's map
+            self.op = Dense(self.width)  # the ODE layers' linear map
+        else:
+            if self.image_shape is None or len(self.image_shape) != 3 \
+                    or int(np.prod(self.image_shape)) != self.n_features:
+                raise ValueError(f"a conv net needs images: image_shape (C, H, W) with C H W = "
+                                 f"{self.n_features} features, got {image_shape!r}")
+            C, H, W = self.image_shape
+            self.open_op = Conv(self.width, H, W, self.kernel, in_channels=C, stride=self.stride)
+            self.op = Conv(self.width, self.open_op.height, self.open_op.width, self.kernel)
+        # what the classifier reads: the whole state, or one mean per channel
+        self.classifier_width = self.op.size if classifier == "flatten" else self.width
         self.state_width = self.scheme.state_width(self.op.size)
         self._full = None  # the reusing whole-network block of loss_and_grad
 
     def __repr__(self):
+        conv = (f", kind='conv', image_shape={self.image_shape}, kernel={self.kernel}, "
+                f"stride={self.stride}, classifier={self.classifier!r}"
+                if self.kind == "conv" else "")
         return (f"ResNet({self.scheme_name!r}, n_features={self.n_features}, width={self.width}, "
                 f"layers={self.layers}, n_classes={self.n_classes}, T={self.T}, "
-                f"activation={self.activation!r}, weight_decay={self.weight_decay})")
+                f"activation={self.activation!r}, weight_decay={self.weight_decay}{conv})")
 
     def with_layers(self, layers):
         """The same network on another grid (same ``T``), e.g. the coarse model."""
         return ResNet(self.scheme_name, self.n_features, self.width, layers, self.n_classes,
                       self.T, self.activation, self.weight_decay, self.dtype_name,
-                      self.store_trajectory, self.label_smoothing)
+                      self.store_trajectory, self.label_smoothing, self.kind, self.image_shape,
+                      self.kernel, self.stride, self.classifier)
 
     def param_shapes(self):
         """Shapes of the full parameter set, by name."""
-        w, d, L, c = self.width, self.n_features, self.layers, self.n_classes
-        return {"open.K": (w, d), "open.b": (w,), "K": (L, w, w), "b": (L, w),
-                "cls.W": (c, w), "cls.b": (c,)}
+        L, c = self.layers, self.n_classes
+        return {"open.K": self.open_op.kernel_shape, "open.b": self.open_op.bias_shape,
+                "K": (L,) + self.op.kernel_shape, "b": (L,) + self.op.bias_shape,
+                "cls.W": (c, self.classifier_width), "cls.b": (c,)}
 
     def init_params(self, seed):
         """Random initial parameters, the same for any partition.
 
-        ``open.K ~ N(0, 1/d)``, ``K ~ N(0, 1/w)``, ``cls.W ~ N(0, 1/w)``
-        (entrywise), biases zero.
+        Each weight ``N(0, 1/fan-in)`` entrywise: ``open.K ~ N(0, 1/d)``,
+        ``K ~ N(0, 1/w)``, ``cls.W ~ N(0, 1/w)`` for a dense net (conv:
+        ``1/(C k²)``, ``1/(w k²)`` and one over the classifier's input
+        width); biases zero.
 
         Parameters
         ----------
@@ -122,15 +167,37 @@ class ResNet:
         """
         rng = np.random.default_rng(seed)
         shapes = self.param_shapes()
+        fan_in = {name: int(np.prod(shapes[name][-1 if name == "cls.W" else 1:]))
+                  for name in ("open.K", "cls.W")}
+        fan_in["K"] = int(np.prod(self.op.kernel_shape[1:]))
         p = {
-            "open.K": rng.standard_normal(shapes["open.K"]) / np.sqrt(self.n_features),
+            "open.K": rng.standard_normal(shapes["open.K"]) / np.sqrt(fan_in["open.K"]),
             "open.b": np.zeros(shapes["open.b"]),
-            "K": rng.standard_normal(shapes["K"]) / np.sqrt(self.width),
+            "K": rng.standard_normal(shapes["K"]) / np.sqrt(fan_in["K"]),
             "b": np.zeros(shapes["b"]),
-            "cls.W": rng.standard_normal(shapes["cls.W"]) / np.sqrt(self.width),
+            "cls.W": rng.standard_normal(shapes["cls.W"]) / np.sqrt(fan_in["cls.W"]),
             "cls.b": np.zeros(shapes["cls.b"]),
         }
         return {k: v.astype(self.dtype) for k, v in p.items()}
+
+    def classifier_input(self, state):
+        """What the classifier reads of last states ``state`` (n, state_width):
+        the ``Y`` part (n, op.size), or its per-channel means (n, w) with
+        ``classifier = "pool"``."""
+        Y = state[:, :self.op.size]
+        if self.classifier == "flatten":
+            return Y
+        return Y.reshape(Y.shape[0], self.width, -1).mean(axis=2)
+
+    def classifier_costate(self, lam):
+        """The co-state of ``Y_L`` (n, op.size) from that of the classifier's
+        input ``lam`` (the adjoint of :meth:`classifier_input`)."""
+        if self.classifier == "flatten":
+            return lam
+        positions = self.op.size // self.width
+        out = np.empty((lam.shape[0], self.width, positions), dtype=lam.dtype)
+        out[...] = (lam / positions)[:, :, None]
+        return out.reshape(lam.shape[0], -1)
 
     def block(self, a, b, reuse=False):
         """The block of layers ``[a, b)``; see :class:`Block`."""
@@ -242,9 +309,9 @@ class Block:
         ws = self.ws if store else None  # evaluation chunks: no big arrays kept
         S0 = None
         if self.first:
-            S0 = opening_forward(params["open.K"], params["open.b"], inp, net.act)
+            S0 = opening_forward(params["open.K"], params["open.b"], inp, net.act, net.open_op)
             x = S0
-            if net.state_width != net.width:
+            if net.state_width != net.op.size:
                 x = np.hstack([S0, np.zeros_like(S0)])
         else:
             x = inp
@@ -254,7 +321,7 @@ class Block:
 
     def scores(self, params, ctx):
         """Class scores (n, c) from a forward pass of the last block."""
-        return scores(params["cls.W"], params["cls.b"], ctx.output[:, :self.net.width])
+        return scores(params["cls.W"], params["cls.b"], self.net.classifier_input(ctx.output))
 
     def backward(self, params, ctx, lam_out=None, y=None, n_norm=None):
         """Adjoint sweep through the block.
@@ -283,16 +350,17 @@ class Block:
             ``n_norm``) and the count of correct predictions, else (0.0, 0).
         """
         net = self.net
-        w = net.width
+        w = net.op.size
         grads = {}
         stats = (0.0, 0)
         if self.last:
-            Y_L = ctx.output[:, :w]
             n_norm = len(y) if n_norm is None else n_norm
             loss, correct, gW, gmu, lamY = classifier_loss_and_grad(
-                params["cls.W"], params["cls.b"], Y_L, y, n_norm, net.label_smoothing)
+                params["cls.W"], params["cls.b"], net.classifier_input(ctx.output), y, n_norm,
+                net.label_smoothing)
             grads["cls.W"], grads["cls.b"] = gW, gmu
             stats = (loss, correct)
+            lamY = net.classifier_costate(lamY)
             if net.state_width != w:
                 lam_out = np.hstack([lamY, np.zeros_like(lamY)])
             else:
@@ -308,7 +376,8 @@ class Block:
         if self.first:
             grads["open.K"], grads["open.b"] = opening_backward(
                 ctx.inp, ctx.S0, lam_in[:, :w], net.act,
-                out=scratch(ws, GRADIENT_SLOTS["open.K"], params["open.K"].shape, dt))
+                out=scratch(ws, GRADIENT_SLOTS["open.K"], params["open.K"].shape, dt),
+                op=net.open_op)
             lam_in = None
         return lam_in, grads, stats
 

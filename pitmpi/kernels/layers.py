@@ -1,39 +1,55 @@
-"""Opening layer and classifier with softmax cross-entropy (DESIGN §2).
+"""Opening layer and classifier with softmax cross-entropy (DESIGN §2, §10).
 
-Opening: ``Y0 = σ(X @ Ko.T + bo)``.  Classifier on ``Y_L``:
-``S = Y_L @ W.T + mu`` and ``Φ = (1/n) Σ_i [logsumexp(S_i) − S_{i,y_i}]``.
+Opening: ``Y0 = σ(op(X, Ko) + bo)`` (dense ``X @ Ko.T``; conv a strided
+correlation).  Classifier on the features ``F`` of ``Y_L`` (the flattened
+state, or its per-channel means): ``S = F @ W.T + mu`` and
+``Φ = (1/n) Σ_i [logsumexp(S_i) − S_{i,y_i}]``.
 """
 import numpy as np
 
+from .operators import Dense
 
-def opening_forward(Ko, bo, X, act):
-    """Return ``σ(X @ Ko.T + bo)``, shape (n, w), for ``X`` (n, d)."""
-    S0 = X @ Ko.T
-    S0 += bo
+
+def opening_forward(Ko, bo, X, act, op=None):
+    """Return ``σ(op(X, Ko) + bo)``, shape (n, op.size), for ``X`` (n, d)
+    (``op``: the opening's operator, default dense (w, d) of ``Ko``'s shape)."""
+    op = op or Dense(*Ko.shape)
+    n = X.shape[0]
+    S0 = np.empty((n, op.size), dtype=np.result_type(X, Ko))
+    op.apply(X.reshape((n,) + op.in_shape), Ko, S0.reshape((n,) + op.sample_shape))
+    op.add_bias(S0.reshape((n,) + op.sample_shape), bo)
     return act.apply(S0)
 
 
-def opening_backward(X, S0, lam0, act, out=None):
+def opening_backward(X, S0, lam0, act, out=None, op=None):
     """Gradients of the opening layer.
 
     Parameters
     ----------
     X : ndarray, shape (n, d)
-    S0 : ndarray, shape (n, w)
+    S0 : ndarray, shape (n, op.size)
         Output of :func:`opening_forward`.
-    lam0 : ndarray, shape (n, w)
+    lam0 : ndarray, shape (n, op.size)
         Co-state ``Λ^Y_0``.
     act : Activation
-    out : ndarray, shape (w, d), optional
+    out : ndarray, shape op.kernel_shape, optional
         Where to write ``gKo``.
+    op : operator, optional
+        As for :func:`opening_forward` (default dense of ``out``'s shape).
 
     Returns
     -------
-    gKo : ndarray, shape (w, d)
-    gbo : ndarray, shape (w,)
+    gKo : ndarray, shape op.kernel_shape
+    gbo : ndarray, shape op.bias_shape
     """
+    op = op or Dense(S0.shape[1], X.shape[1])
     D0 = act.scale_by_derivative(S0, lam0, out=np.empty_like(S0))
-    return np.matmul(D0.T, X, out=out), D0.sum(axis=0)
+    n = X.shape[0]
+    if out is None:
+        out = np.empty(op.kernel_shape, dtype=D0.dtype)
+    D0 = D0.reshape((1, n) + op.sample_shape)
+    op.weight_grads(D0, X.reshape((1, n) + op.in_shape), out[None])
+    return out, op.bias_grads(D0)[0]
 
 
 def scores(W, mu, Y):

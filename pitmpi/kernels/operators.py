@@ -23,21 +23,26 @@ from .workspace import scratch
 
 
 class Dense:
-    """``K[j]`` of shape (w, w) on states (n, w): matrix products.
+    """``K[j]`` of shape (w, d) on states (n, d) into (n, w): matrix products.
 
     Parameters
     ----------
     width : int
         ``w``.
+    in_width : int, optional
+        ``d`` (default ``w``: an ODE layer; the opening layer maps the
+        features' ``d`` to ``w``).
     """
 
     kind = "dense"
 
-    def __init__(self, width):
+    def __init__(self, width, in_width=None):
         self.width = int(width)
+        self.in_width = self.width if in_width is None else int(in_width)
         self.sample_shape = (self.width,)
+        self.in_shape = (self.in_width,)
         self.size = self.width
-        self.kernel_shape = (self.width, self.width)
+        self.kernel_shape = (self.width, self.in_width)
         self.bias_shape = (self.width,)
 
     def apply(self, x, Kj, out, ws=None):
@@ -50,7 +55,7 @@ class Dense:
         s += bj
 
     def weight_grads(self, D, X, out, ws=None):
-        """``out[i] = D[i]ᵀ X[i]``: D, X (k, n, w), out (k, w, w)."""
+        """``out[i] = D[i]ᵀ X[i]``: D (k, n, w), X (k, n, d), out (k, w, d)."""
         return np.matmul(D.transpose(0, 2, 1), X, out=out)
 
     def bias_grads(self, D, out=None):
@@ -59,47 +64,56 @@ class Dense:
 
     def macs(self):
         """Multiply-adds of one ``apply`` per sample."""
-        return self.width * self.width
+        return self.width * self.in_width
 
 
 class Conv:
-    """``K[j]`` of shape (c, c, k, k) (out, in, kernel) on states
-    (n, c, H, W): cross-correlation with "same" zero padding, stride 1
-    (DESIGN §10), through an im2col view (:func:`im2col`) and matrix
-    products.
+    """``K[j]`` of shape (c, c_in, k, k) (out, in, kernel) on states
+    (n, c_in, H_in, W_in) into (n, c, H, W): cross-correlation with "same"
+    zero padding (DESIGN §10), stride 1 for an ODE layer, through an im2col
+    view (:func:`im2col`) and matrix products.
 
     Parameters
     ----------
     channels : int
         ``c``.
     height, width : int
-        ``H, W`` of every ODE layer's state.
+        ``H, W`` of the input (of every ODE layer's state).
     kernel : int
         ``k``, odd.
+    in_channels : int, optional
+        ``c_in`` (default ``c``).
+    stride : int
+        The output keeps every ``stride``-th position in each direction:
+        ``H_out = ceil(H / stride)`` (the opening layer may lower the
+        resolution; an ODE layer has stride 1).
     """
 
     kind = "conv"
 
-    def __init__(self, channels, height, width, kernel):
-        self.channels, self.height, self.width = int(channels), int(height), int(width)
-        self.kernel = int(kernel)
+    def __init__(self, channels, height, width, kernel, in_channels=None, stride=1):
+        self.channels, self.kernel, self.stride = int(channels), int(kernel), int(stride)
+        self.in_channels = self.channels if in_channels is None else int(in_channels)
         if self.kernel % 2 != 1:
             raise ValueError(f"kernel must be odd for 'same' padding, got {kernel!r}")
-        c, k = self.channels, self.kernel
+        c, k, s = self.channels, self.kernel, self.stride
+        self.in_shape = (self.in_channels, int(height), int(width))
+        self.height, self.width = -(-int(height) // s), -(-int(width) // s)
         self.sample_shape = (c, self.height, self.width)
         self.size = c * self.height * self.width
-        self.kernel_shape = (c, c, k, k)
+        self.kernel_shape = (c, self.in_channels, k, k)
         self.bias_shape = (c,)
 
     def _cols(self, x, ws, name):
         n, c, H, W = x.shape
         p = self.kernel // 2
         padded = scratch(ws, name + ".pad", (n, c, H + 2 * p, W + 2 * p), x.dtype)
-        return im2col(x, self.kernel, out=scratch(ws, name, cols_shape(x.shape, self.kernel),
-                                                   x.dtype), padded=padded)
+        shape = cols_shape(x.shape, self.kernel, self.stride)
+        return im2col(x, self.kernel, out=scratch(ws, name, shape, x.dtype), padded=padded,
+                      stride=self.stride)
 
     def apply(self, x, Kj, out, ws=None):
-        """``conv(x, Kj)``: x, out (n, c, H, W)."""
+        """``conv(x, Kj)``: x (n, c_in, H_in, W_in), out (n, c, H, W)."""
         cols = self._cols(x, ws, "cols")
         n, c = x.shape[0], self.channels
         np.matmul(Kj.reshape(c, -1), cols, out=out.reshape(n, c, -1))
@@ -107,7 +121,7 @@ class Conv:
 
     def apply_t(self, x, Kj, out, ws=None):
         """``convᵀ(x, Kj)``: the correlation with the kernel flipped in space
-        and its channels swapped."""
+        and its channels swapped (square, stride 1: an ODE layer)."""
         flipped = Kj[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         Kt = scratch(ws, "Kflip", flipped.shape, Kj.dtype)
         Kt[...] = flipped
@@ -117,10 +131,11 @@ class Conv:
         s += bj[:, None, None]
 
     def weight_grads(self, D, X, out, ws=None):
-        """``out[i] = Σ_samples D[i] ⋆ X[i]``: D, X (k, n, c, H, W), out (k, c, c, kh, kw)."""
+        """``out[i] = Σ_samples D[i] ⋆ X[i]``: D (k, n, c, H, W), X (k, n, c_in,
+        H_in, W_in), out (k, c, c_in, kh, kw)."""
         c = self.channels
         for i in range(D.shape[0]):
-            cols = self._cols(X[i], ws, "gcols")  # (n, c k k, H W)
+            cols = self._cols(X[i], ws, "gcols")  # (n, c_in k k, H W)
             n = cols.shape[0]
             d = D[i].reshape(n, c, -1)
             per = scratch(ws, "gper", (n, c, cols.shape[1]), D.dtype)
@@ -134,16 +149,17 @@ class Conv:
 
     def macs(self):
         """Multiply-adds of one ``apply`` per sample."""
-        return self.size * self.channels * self.kernel * self.kernel
+        return self.size * self.in_channels * self.kernel * self.kernel
 
 
-def cols_shape(shape, k):
-    """Shape of :func:`im2col` of states ``shape`` (n, c, H, W): (n, c k k, H W)."""
+def cols_shape(shape, k, stride=1):
+    """Shape of :func:`im2col` of states ``shape`` (n, c, H, W): (n, c k k,
+    H' W') with ``H' = ceil(H / stride)``."""
     n, c, H, W = shape
-    return (n, c * k * k, H * W)
+    return (n, c * k * k, -(-H // stride) * -(-W // stride))
 
 
-def im2col(x, k, out=None, padded=None):
+def im2col(x, k, out=None, padded=None, stride=1):
     """The k × k neighbourhoods of every position, zero-padded ("same").
 
     Parameters
@@ -154,13 +170,16 @@ def im2col(x, k, out=None, padded=None):
     out : ndarray, shape (n, c k k, H W), optional
     padded : ndarray, shape (n, c, H + k − 1, W + k − 1), optional
         Scratch for the zero-padded copy of ``x``.
+    stride : int
+        Keep the neighbourhoods of every ``stride``-th position only.
 
     Returns
     -------
-    ndarray, shape (n, c k k, H W)
-        ``out[s, (ch, a, b), (i, j)] = x[s, ch, i + a − k//2, j + b − k//2]``
-        (0 outside the image), so that a kernel ``K`` (c_out, c, k, k) gives
-        the correlation as ``K.reshape(c_out, -1) @ out[s]``.
+    ndarray, shape (n, c k k, H' W')
+        ``out[s, (ch, a, b), (i, j)] = x[s, ch, S i + a − k//2, S j + b −
+        k//2]`` (0 outside the image; ``S`` the stride), so that a kernel
+        ``K`` (c_out, c, k, k) gives the correlation as ``K.reshape(c_out,
+        -1) @ out[s]``.
     """
     n, c, H, W = x.shape
     p = k // 2
@@ -172,8 +191,9 @@ def im2col(x, k, out=None, padded=None):
         padded[:, :, :, :p] = 0
         padded[:, :, :, -p:] = 0
     padded[:, :, p:p + H, p:p + W] = x
-    windows = sliding_window_view(padded, (k, k), axis=(2, 3))  # (n, c, H, W, k, k)
+    windows = sliding_window_view(padded, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
+    Ho, Wo = windows.shape[2], windows.shape[3]  # windows: (n, c, Ho, Wo, k, k)
     if out is None:
-        out = np.empty(cols_shape(x.shape, k), dtype=x.dtype)
-    out.reshape(n, c, k, k, H, W)[...] = windows.transpose(0, 1, 4, 5, 2, 3)
+        out = np.empty(cols_shape(x.shape, k, stride), dtype=x.dtype)
+    out.reshape(n, c, k, k, Ho, Wo)[...] = windows.transpose(0, 1, 4, 5, 2, 3)
     return out

@@ -21,7 +21,7 @@ from ..errors import Diverged
 from ..model import join_blocks
 from .data_parallel import share
 from .flat import FlatSum
-from .regression import CostateRegression
+from .regression import CostateRegression, state_map_for
 
 
 def prolong(coarse_params, factor, kind="constant"):
@@ -120,7 +120,8 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     full = cnet.init_params(tr["seed"])
     local = [blk.local_params(full) for blk in blocks]
     opts = [blk.optimizer(p, tr["momentum"], tr["lr_per"]) for blk, p in zip(blocks, local)]
-    regs = [CostateRegression.from_config(net.state_width, net.n_classes, rg)
+    regs = [CostateRegression.from_config(net.state_width, net.n_classes, rg,
+                                          state_map_for(net, rg))
             for _ in blocks[1:]]
     iterations = co["iterations"] or batches.per_epoch
     lr = co["lr"] or tr["lr"]

@@ -1,13 +1,16 @@
 """Contiguous layer blocks balanced by estimated cost (DESIGN §6).
 
-Cost per sample of forward + backward, in multiply-add equivalents:
+Cost per sample of forward + backward, in multiply-add equivalents, for a
+layer whose linear map costs ``M`` multiply-adds and gives ``s`` values a
+sample (dense: ``M = w²``, ``s = w``; conv: ``M = c² k² H W``, ``s = c H W``;
+the im2col copies are not counted):
 
-- an ODE layer: ``3w²`` for Euler (one product forward, two backward),
-  ``6w²`` for Verlet, plus ``κ·w`` per activation (one for Euler, two for
+- an ODE layer: ``3M`` for Euler (one product forward, two backward),
+  ``6M`` for Verlet, plus ``κ·s`` per activation (one for Euler, two for
   Verlet);
-- the opening layer: ``2dw`` (forward, and the weight gradient; no co-state
-  is needed below it) plus ``κ·w``;
-- the classifier: ``3cw``.
+- the opening layer: ``2M`` (dense ``2dw``: forward, and the weight
+  gradient; no co-state is needed below it) plus ``κ·s``;
+- the classifier: ``3c`` times the width it reads.
 
 ``κ`` is the cost of one activation element (``tanh`` with its derivative and
 the element-wise updates around it) relative to one multiply-add inside a
@@ -36,7 +39,7 @@ every boundary.
 import numpy as np
 
 from ..errors import ConfigError
-from .regression import one_hot_cheaper
+from .regression import one_hot_cheaper, state_map_for
 
 
 ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
@@ -62,13 +65,15 @@ def layer_costs(net, batch_size=None):
     """Estimated cost per sample of each ODE layer (L,), with the opening
     layer's cost added to layer 0 and the classifier's to layer L-1; with
     ``batch_size``, the per-call overheads too."""
-    w = net.width
+    op, opening = net.op, net.open_op
     kappa = ACTIVATION_COST.get((net.activation, net.dtype_name), 100.0)
     products = 2 if net.scheme_name == "verlet" else 1
-    costs = np.full(net.layers, products * (3.0 * w * w + kappa * w)
+    costs = np.full(net.layers, products * (3.0 * op.macs() + kappa * op.size)
                     + call_cost(net, CALLS[net.scheme_name], batch_size))
-    costs[0] += 2.0 * net.n_features * w + kappa * w + call_cost(net, CALLS["opening"], batch_size)
-    costs[-1] += 3.0 * net.n_classes * w + call_cost(net, CALLS["classifier"], batch_size)
+    costs[0] += (2.0 * opening.macs() + kappa * opening.size
+                 + call_cost(net, CALLS["opening"], batch_size))
+    costs[-1] += (3.0 * net.n_classes * net.classifier_width
+                  + call_cost(net, CALLS["classifier"], batch_size))
     return costs
 
 
@@ -90,7 +95,9 @@ def regression_cost(net, cfg, batch_size):
     per refit."""
     rg = cfg["regression"]
     sw, c = net.state_width, net.n_classes
-    f = sw + 1 + (c if rg["features"] == "state+label" else 0)
+    state_map = state_map_for(net, rg)
+    q = sw if state_map is None else state_map.width  # the state part of φ
+    f = q + 1 + (c if rg["features"] == "state+label" else 0)
     groups = c if rg["features"] == "per-class" else 1
     n = batch_size
     m = min(rg["pairs_per_batch"] or n, n)

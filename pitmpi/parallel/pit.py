@@ -36,7 +36,7 @@ from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
 from .partition import critical_path, regression_cost
-from .regression import CostateRegression, prediction_errors
+from .regression import CostateRegression, prediction_errors, state_map_for
 
 
 def two_level(cfg, size):
@@ -51,6 +51,7 @@ def shared_coarse(cfg, size):
     return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
 
 
+MAX_REGRESSION_GIB = 1.0  # larger normal equations are refused with a hint
 MEMORY = 0.9  # weight of the past in the running means of regression.clip and .damping
 
 
@@ -87,7 +88,16 @@ class PitTrainer(BlockTrainer):
                               f"boundary state's width, {sw} here (0: full width)")
         self.reg = None
         if self.next is not None:
-            self.reg = CostateRegression.from_config(sw, self.net.n_classes, rg)
+            state_map = state_map_for(self.net, rg)
+            f = (sw if state_map is None else state_map.width) + 1
+            groups = self.net.n_classes if rg["features"] == "per-class" else 1
+            gib = groups * f * (f + (rg["rank"] or sw)) * 8 / 2**30
+            if gib > MAX_REGRESSION_GIB:
+                raise ConfigError(f"the co-state regression at a boundary would hold {gib:.1f} GiB "
+                                  f"of normal equations ({f} features per sample, boundary "
+                                  f"state width {sw}); fit on fewer features: regression.pool "
+                                  "(conv states), regression.rank, or regression.features")
+            self.reg = CostateRegression.from_config(sw, self.net.n_classes, rg, state_map)
         n_iter = self.epochs * self.batches.per_epoch
         self.mse = np.full(n_iter, np.nan)
         self.rel = np.full(n_iter, np.nan)

@@ -84,6 +84,10 @@ class CostateRegression:
         ``k``: keep and predict the co-states in the coordinates of a
         ``k``-dimensional subspace that follows their span (module
         docstring); 0 or ``state_width``: the full width.
+    state_map : callable, optional
+        The state part of ``φ``: ``state_map(x)`` (m, q) for states ``x``
+        (m, sw), with ``state_map.width = q`` (e.g. :class:`PooledStates`);
+        default the state itself (``q = sw``).
 
     Attributes
     ----------
@@ -97,8 +101,10 @@ class CostateRegression:
     """
 
     def __init__(self, state_width, n_classes, features="state", ridge=1e-6, forgetting=0.9,
-                 pairs_per_batch=0, buffer_rows=4096, one_hot=None, rank=0):
+                 pairs_per_batch=0, buffer_rows=4096, one_hot=None, rank=0, state_map=None):
         self.state_width, self.n_classes = int(state_width), int(n_classes)
+        self.state_map = state_map
+        self.in_width = self.state_width if state_map is None else int(state_map.width)
         if features not in FEATURES:
             raise ValueError(f"unknown regression features {features!r}; allowed: {FEATURES}")
         self.rank = int(rank)
@@ -129,10 +135,11 @@ class CostateRegression:
         self._class_ids = np.arange(self.groups)[:, None]
 
     @classmethod
-    def from_config(cls, state_width, n_classes, rg):
-        """The regression a ``[regression]`` config table describes."""
+    def from_config(cls, state_width, n_classes, rg, state_map=None):
+        """The regression a ``[regression]`` config table describes (with
+        ``state_map``, see the class)."""
         return cls(state_width, n_classes, rg["features"], rg["ridge"], rg["forgetting"],
-                   rg["pairs_per_batch"], rank=rg["rank"])
+                   rg["pairs_per_batch"], rank=rg["rank"], state_map=state_map)
 
     @property
     def out_width(self):
@@ -199,8 +206,9 @@ class CostateRegression:
 
     @property
     def n_features(self):
-        """Features per group: ``sw + 1`` (``+ c`` with ``state+label``)."""
-        return self.state_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
+        """Features per group: ``q + 1`` (``+ c`` with ``state+label``), ``q``
+        the state part's width (``sw`` without a state map)."""
+        return self.in_width + 1 + (self.n_classes if self.kind == "state+label" else 0)
 
     @property
     def G(self):
@@ -219,13 +227,13 @@ class CostateRegression:
     def _rows(self, x, y=None, lam=None, n=1.0):
         """``[φ(x), n Λ]`` side by side, shape (m, f + sw); ``φ(x)`` alone,
         shape (m, f), without ``lam``."""
-        m, sw, f = x.shape[0], self.state_width, self.n_features
+        m, sw, q, f = x.shape[0], self.state_width, self.in_width, self.n_features
         rows = np.empty((m, f + (sw if lam is not None else 0)))
-        rows[:, :sw] = x
+        rows[:, :q] = x if self.state_map is None else self.state_map(x)
         rows[:, f - 1] = 1.0
         if self.kind == "state+label":
-            rows[:, sw:f - 1] = 0.0
-            rows[np.arange(m), sw + np.asarray(y)] = 1.0
+            rows[:, q:f - 1] = 0.0
+            rows[np.arange(m), q + np.asarray(y)] = 1.0
         if lam is not None:
             np.multiply(lam, n, out=rows[:, f:], dtype=np.float64)
         return rows
@@ -373,10 +381,11 @@ class CostateRegression:
         predictor = self._predictor.get(key)
         if predictor is None:
             offsets = self.n_classes if self.kind == "state+label" else self.groups
-            predictor = self._predictor[key] = _Predictor(self.groups, self.state_width,
-                                                          self.out_width, offsets, dtype, n)
+            predictor = self._predictor[key] = _Predictor(self.groups, self.in_width,
+                                                          self.out_width, self.state_width,
+                                                          offsets, dtype, n)
         if predictor.stale:
-            sw, k, inv_n, theta = self.state_width, self.out_width, 1.0 / n, self.theta
+            sw, k, inv_n, theta = self.in_width, self.out_width, 1.0 / n, self.theta
             every = len(predictor.stale) == self.groups
             if self.rank and every:
                 if self.basis is None:
@@ -406,6 +415,8 @@ class CostateRegression:
         ``n`` is the whole batch's size (default: the rows of ``x``; a
         replica of a layers × data grid predicts its share of a batch)."""
         predictor = self._predictor_for(x.dtype, x.shape[0] if n is None else n)
+        if self.state_map is not None:
+            x = self.state_map(x)
         lam = self._predict_coordinates(x, y, predictor)
         if predictor.basis_t is not None:
             lam = lam @ predictor.basis_t
@@ -495,8 +506,9 @@ class _Predictor:
 
     Attributes
     ----------
-    weights : ndarray, shape (sw, groups · k)
-        The groups' state weights side by side.
+    weights : ndarray, shape (q, groups · k)
+        The groups' state weights side by side (``q``: the state part of
+        ``φ``).
     offsets : ndarray, shape (n_offsets, k)
         Each group's offset (``n_offsets = groups``), or with ``state+label``
         each class's (``n_offsets = n_classes``: label weight plus constant).
@@ -508,8 +520,8 @@ class _Predictor:
         Groups refitted since these were written.
     """
 
-    def __init__(self, groups, sw, k, n_offsets, dtype, n):
-        self.weights = np.empty((sw, groups * k), dtype=dtype)
+    def __init__(self, groups, q, k, sw, n_offsets, dtype, n):
+        self.weights = np.empty((q, groups * k), dtype=dtype)
         self.offsets = np.empty((n_offsets, k), dtype=dtype)
         self.basis_t = np.empty((k, sw), dtype=dtype) if k < sw else None
         self.rows = np.arange(n)
@@ -571,6 +583,52 @@ class _Held:
     def clear(self):
         self.count = 0
         self.folded[:] = 0
+
+
+class PooledStates:
+    """The state part of ``φ`` for conv states: each channel's mean over
+    ``P × P`` patches of positions (``regression.pool = P``; the last
+    patches of a side not divisible by ``P`` are smaller).
+
+    Parameters
+    ----------
+    channels : int
+        Channels of the flattened state (Verlet: ``2c``, Y's then Z's).
+    height, width : int
+        Positions of each channel.
+    pool : int
+        ``P``.
+
+    Attributes
+    ----------
+    width : int
+        ``channels · ceil(height / P) · ceil(width / P)``.
+    """
+
+    def __init__(self, channels, height, width, pool):
+        self.shape = (int(channels), int(height), int(width))
+        self.starts = (np.arange(0, height, pool), np.arange(0, width, pool))
+        sizes = [np.diff(np.append(s, n)) for s, n in zip(self.starts, (height, width))]
+        self.inv_counts = 1.0 / np.outer(*sizes)
+        self.width = int(channels) * self.inv_counts.size
+
+    def __call__(self, x):
+        """Pooled features (m, width) of states ``x`` (m, channels · height · width)."""
+        m = x.shape[0]
+        X = x.reshape((m,) + self.shape)
+        z = np.add.reduceat(np.add.reduceat(X, self.starts[0], axis=2), self.starts[1], axis=3)
+        z *= self.inv_counts.astype(z.dtype, copy=False)
+        return z.reshape(m, -1)
+
+
+def state_map_for(net, rg):
+    """The state part of ``φ`` that ``regression.pool`` asks for, for the
+    states at a boundary of ``net`` (None: the state itself)."""
+    if not rg["pool"]:
+        return None
+    op = net.op
+    channels = op.sample_shape[0] * net.state_width // op.size  # Verlet: Y's and Z's
+    return PooledStates(channels, op.sample_shape[1], op.sample_shape[2], rg["pool"])
 
 
 def prediction_errors(lam_hat, lam):

@@ -71,9 +71,28 @@ def blas_threads():
 def build_network(cfg, data):
     """The fine ResNet a config describes, for a dataset."""
     m, t = cfg["model"], cfg["train"]
-    return ResNet(m["scheme"], data.n_features, m["width"], m["layers"], data.n_classes,
+    if m["kind"] == "dense":
+        if cfg["regression"]["pool"]:
+            raise ConfigError(f"regression.pool = {cfg['regression']['pool']} is not allowed with "
+                              "model.kind = 'dense' (it averages conv states over patches of "
+                              "positions; set regression.pool = 0)")
+        if m["classifier"] != "flatten":
+            raise ConfigError(f"model.classifier = {m['classifier']!r} is not allowed with "
+                              "model.kind = 'dense' (its classifier reads the whole state: "
+                              "'flatten')")
+        shape = {}
+    else:
+        if data.image_shape is None:
+            raise ConfigError(f"model.kind = 'conv' needs images, but data.name = "
+                              f"{cfg['data']['name']!r} has {data.n_features} features per sample "
+                              "(use mnist, or an .npz whose x arrays are (n, H, W) or "
+                              "(n, C, H, W))")
+        shape = {"kind": "conv", "image_shape": data.image_shape, "kernel": m["kernel"],
+                 "stride": m["stride"], "classifier": m["classifier"]}
+    width = m["width"] if m["kind"] == "dense" else m["channels"]
+    return ResNet(m["scheme"], data.n_features, width, m["layers"], data.n_classes,
                   m["T"], m["activation"], t["weight_decay"], m["dtype"], m["store_trajectory"],
-                  t["label_smoothing"])
+                  t["label_smoothing"], **shape)
 
 
 class Trainer:
