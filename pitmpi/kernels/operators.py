@@ -112,11 +112,45 @@ class Conv:
         return im2col(x, self.kernel, out=scratch(ws, name, shape, x.dtype), padded=padded,
                       stride=self.stride)
 
+    def _shifted(self, x, ws, name):
+        """The k × k shifted copies of the zero-padded images ``x`` (n, c_in,
+        H, W), shape (n, c_in k k, H Wp), ``Wp = W + k − 1``: each image's
+        padded rows laid end to end, so that each tap is one contiguous
+        shift of them (an im2col whose copies run along whole rows; the
+        output comes on the padded width, and the last ``k − 1`` columns of
+        each of its rows are not positions)."""
+        n, c, H, W = x.shape
+        k = self.kernel
+        p = k // 2
+        Hp, Wp = H + 2 * p, W + 2 * p
+        flat = scratch(ws, name + ".pad", (n, c, Hp * Wp + k - 1), x.dtype)
+        grid = flat[:, :, :Hp * Wp].reshape(n, c, Hp, Wp)
+        if p:
+            grid[:, :, :p] = 0
+            grid[:, :, Hp - p:] = 0
+            grid[:, :, :, :p] = 0
+            grid[:, :, :, Wp - p:] = 0
+            flat[:, :, Hp * Wp:] = 0
+        grid[:, :, p:p + H, p:p + W] = x
+        L = H * Wp
+        cols = scratch(ws, name, (n, c, k, k, L), x.dtype)
+        for a in range(k):
+            for b in range(k):
+                off = a * Wp + b
+                cols[:, :, a, b] = flat[:, :, off:off + L]
+        return cols.reshape(n, c * k * k, L)
+
     def apply(self, x, Kj, out, ws=None):
         """``conv(x, Kj)``: x (n, c_in, H_in, W_in), out (n, c, H, W)."""
-        cols = self._cols(x, ws, "cols")
         n, c = x.shape[0], self.channels
-        np.matmul(Kj.reshape(c, -1), cols, out=out.reshape(n, c, -1))
+        if self.stride > 1:
+            cols = self._cols(x, ws, "cols")
+            np.matmul(Kj.reshape(c, -1), cols, out=out.reshape(n, c, -1))
+            return out
+        cols = self._shifted(x, ws, "scols")
+        wide = scratch(ws, "wide", (n, c, cols.shape[2]), x.dtype)
+        np.matmul(Kj.reshape(c, -1), cols, out=wide)
+        out[...] = wide.reshape(n, c, self.height, -1)[..., :self.width]
         return out
 
     def apply_t(self, x, Kj, out, ws=None):
@@ -133,11 +167,19 @@ class Conv:
     def weight_grads(self, D, X, out, ws=None):
         """``out[i] = Σ_samples D[i] ⋆ X[i]``: D (k, n, c, H, W), X (k, n, c_in,
         H_in, W_in), out (k, c, c_in, kh, kw)."""
-        c = self.channels
+        c, n = self.channels, D.shape[1]
+        if self.stride == 1:  # D on the padded width, zero off the positions
+            wide = scratch(ws, "dwide", (n, c, self.height, self.width + self.kernel - 1),
+                           D.dtype)
+            wide[..., self.width:] = 0
         for i in range(D.shape[0]):
-            cols = self._cols(X[i], ws, "gcols")  # (n, c_in k k, H W)
-            n = cols.shape[0]
-            d = D[i].reshape(n, c, -1)
+            if self.stride > 1:
+                cols = self._cols(X[i], ws, "gcols")  # (n, c_in k k, H W)
+                d = D[i].reshape(n, c, -1)
+            else:
+                cols = self._shifted(X[i], ws, "gscols")  # (n, c_in k k, H Wp)
+                wide[..., :self.width] = D[i]
+                d = wide.reshape(n, c, -1)
             per = scratch(ws, "gper", (n, c, cols.shape[1]), D.dtype)
             np.matmul(d, cols.transpose(0, 2, 1), out=per)
             np.sum(per, axis=0, out=out[i].reshape(c, -1))
