@@ -25,6 +25,7 @@ LAYERS = ("K", "b")
 CLASSIFIER = ("cls.W", "cls.b")
 DTYPES = {"float64": np.float64, "float32": np.float32}
 KINDS = ("dense", "conv")
+EVAL_SCRATCH_BYTES = 64 * 2**20  # most scratch of an evaluation chunk's layer (conv)
 CLASSIFIERS = ("flatten", "pool")
 
 
@@ -180,6 +181,16 @@ class ResNet:
         }
         return {k: v.astype(self.dtype) for k, v in p.items()}
 
+    def eval_rows(self, most):
+        """Rows per evaluation chunk: ``most``, or fewer so that the
+        layers' scratch (a conv's shifted copies) stays under
+        :data:`EVAL_SCRATCH_BYTES`; at least 64."""
+        per_sample = max(self.op.scratch_per_sample(), self.open_op.scratch_per_sample())
+        if not per_sample:
+            return most
+        fit = EVAL_SCRATCH_BYTES // (per_sample * np.dtype(self.dtype).itemsize)
+        return int(min(most, max(64, fit)))
+
     def classifier_input(self, state):
         """What the classifier reads of last states ``state`` (n, state_width):
         the ``Y`` part (n, op.size), or its per-channel means (n, w) with
@@ -232,7 +243,9 @@ class ResNet:
         return loss + blk.decay(params), {k: np.array(v) for k, v in grads.items()}
 
     def predict(self, params, X, chunk=8192):
-        """Class scores, shape (n, c), for ``X`` (n, d), in chunks of rows."""
+        """Class scores, shape (n, c), for ``X`` (n, d), in chunks of at most
+        ``chunk`` rows (fewer for a conv net, see :meth:`eval_rows`)."""
+        chunk = self.eval_rows(chunk)
         blk = self.full()
         X = np.asarray(X, dtype=self.dtype)
         out = np.empty((X.shape[0], self.n_classes), dtype=self.dtype)

@@ -189,7 +189,7 @@ def summarise(path):
     run = load(path)
     h, t, m = run.history, run.timing, run.cfg["model"]
     lines = [f"{path}",
-             f"  problem   {run.dataset}, {m['scheme']} ResNet, width {m['width']}, "
+             f"  problem   {run.dataset}, {network_words(m)}, "
              f"{m['layers']} layers, T = {m['T']}, {m['dtype']}",
              f"  method    {run.method} on {run.ranks} "
              f"{'emulated rank(s) (threads of one process: the timings below mean nothing)' if run.emulated else 'rank(s)'}"
@@ -238,6 +238,15 @@ def summarise(path):
                      f"{est[1] / est[0]:.2f} on {run.ranks} ranks")
     lines.extend(monitor_lines(h))
     return "\n".join(lines)
+
+
+def network_words(m):
+    """``verlet ResNet, width 16``, or for a conv net ``conv verlet ResNet, 8
+    channels, 3 x 3 kernels, opening stride 2``, from a config's model table."""
+    if m.get("kind", "dense") == "conv":
+        return (f"conv {m['scheme']} ResNet, {m['channels']} channels, {m['kernel']} x "
+                f"{m['kernel']} kernels, opening stride {m['stride']}, {m['classifier']} classifier")
+    return f"{m['scheme']} ResNet, width {m['width']}"
 
 
 def monitor_lines(h, rows=5):

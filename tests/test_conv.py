@@ -242,6 +242,9 @@ def test_conv_nets_learn_images(tmp_path, method, ranks, extra):
     attrs, params, h, _, _ = read_result(str(out))
     assert params["K"].shape[1:] == (3, 3, 3, 3) and params["open.K"].shape == (3, 1, 3, 3)
     assert h["val_acc"][-1] >= 0.9  # chance is 0.5
+    from pitmpi.report import summarise
+    assert "conv verlet ResNet, 3 channels, 3 x 3 kernels" in summarise(str(out)) or \
+        "conv euler ResNet, 3 channels" in summarise(str(out))
 
 
 def test_conv_pit_resumes_bit_for_bit(tmp_path):
@@ -258,3 +261,37 @@ def test_conv_pit_resumes_bit_for_bit(tmp_path):
     assert run_emulated(3, lambda comm: main(["train", "--resume", str(part), "--set",
                                               "train.epochs=3"], comm=comm)) == [0] * 3
     assert_same_run(full, part)
+
+
+def test_shipped_conv_config_trains_on_two_ranks(mnist_path, tmp_path):
+    import pathlib
+    from pitmpi.cli import main
+    from pitmpi.io import read_result
+    out = tmp_path / "m.h5"
+    config = pathlib.Path(__file__).resolve().parent.parent / "run" / "mnist_conv.toml"
+    assert main(["train", str(config), "--quiet", "--emulate", "2", "--set", f"data.path={mnist_path}",
+                 "--set", "data.n_train=1024", "--set", "data.n_val=512", "--set", "train.epochs=1",
+                 "--set", "coarse.iterations=8", "--out", str(out)]) == 0
+    attrs, params, h, _, _ = read_result(str(out))
+    assert params["K"].shape == (4, 8, 8, 3, 3) and h["val_acc"][-1] > 0.5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_in_passes_over_slices_of_samples_equals_one_pass(stride, monkeypatch):
+    from pitmpi.kernels import operators
+    rng = np.random.default_rng(5)
+    op = Conv(3, 6, 5, 3, in_channels=2, stride=stride)
+    x = rng.standard_normal((21,) + op.in_shape)
+    K = rng.standard_normal(op.kernel_shape)
+    D = rng.standard_normal((2, 21) + op.sample_shape)
+    X = np.stack([x, 2 * x])
+    one, g_one = np.empty((21,) + op.sample_shape), np.empty((2,) + op.kernel_shape)
+    op.apply(x, K, one)
+    op.weight_grads(D, X, g_one)
+    monkeypatch.setattr(operators, "PASS_SCRATCH_BYTES", 1)
+    assert len(op.passes(21, 8)) == 3  # slices of 8, 8 and 5 samples
+    many, g_many = np.empty_like(one), np.empty_like(g_one)
+    op.apply(x, K, many)
+    op.weight_grads(D, X, g_many)
+    np.testing.assert_array_equal(many, one)
+    np.testing.assert_allclose(g_many, g_one, rtol=1e-12, atol=1e-12)

@@ -176,7 +176,7 @@ class BlockTrainer(Trainer):
             mine = self.layout.rows(len(y))
             X = X[mine] if X is not None else None
             y = y[mine]
-        chunk = eval_chunk(len(y), self.layout.blocks)
+        chunk = self.net.eval_rows(eval_chunk(len(y), self.layout.blocks))
         sends = []
         for i in range(0, len(y), chunk):
             yi = y[i:i + chunk]

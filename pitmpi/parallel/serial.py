@@ -21,10 +21,12 @@ def full_step(block, params, X, y, n_norm=None):
 
 
 def evaluate_full(net, params, X, y, chunk=8192):
-    """``(Σ cross-entropy, #correct)`` of a whole network over ``X``."""
+    """``(Σ cross-entropy, #correct)`` of a whole network over ``X``, in
+    chunks of at most ``chunk`` rows (:meth:`~pitmpi.model.ResNet.eval_rows`)."""
     block = net.full()
     loss = 0.0
     correct = 0
+    chunk = net.eval_rows(chunk)
     for i in range(0, len(y), chunk):
         Xi, yi = X[i:i + chunk], y[i:i + chunk]
         ctx = block.forward(params, Xi, store=False)
