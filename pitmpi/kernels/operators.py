@@ -35,6 +35,7 @@ class Dense:
     """
 
     kind = "dense"
+    matmul_fraction = 1.0  # of the matrix-product rate its multiply-adds run at
 
     def __init__(self, width, in_width=None):
         self.width = int(width)
@@ -97,6 +98,11 @@ class Conv:
     """
 
     kind = "conv"
+    # of the dense products' rate its multiply-adds run at: the shifted copies
+    # cost as much as the small products (measured, c = 8 at 14 x 14: 6.8
+    # GMAC/s in float64 against 20, 10.5-14 in float32 against 40;
+    # run/bench_kernels.py --conv and a training run)
+    matmul_fraction = 0.3
 
     def __init__(self, channels, height, width, kernel, in_channels=None, stride=1):
         self.channels, self.kernel, self.stride = int(channels), int(kernel), int(stride)

@@ -2,8 +2,9 @@
 
 Cost per sample of forward + backward, in multiply-add equivalents, for a
 layer whose linear map costs ``M`` multiply-adds and gives ``s`` values a
-sample (dense: ``M = w²``, ``s = w``; conv: ``M = c² k² H W``, ``s = c H W``;
-the im2col copies are not counted):
+sample (dense: ``M = w²``, ``s = w``; conv: ``M = c² k² H W``, ``s = c H W``,
+counted at ``Conv.matmul_fraction = 0.3`` of the matrix-product rate: its
+shifted copies of the images cost about as much as its small products):
 
 - an ODE layer: ``3M`` for Euler (one product forward, two backward),
   ``6M`` for Verlet, plus ``κ·s`` per activation (one for Euler, two for
@@ -68,9 +69,10 @@ def layer_costs(net, batch_size=None):
     op, opening = net.op, net.open_op
     kappa = ACTIVATION_COST.get((net.activation, net.dtype_name), 100.0)
     products = 2 if net.scheme_name == "verlet" else 1
-    costs = np.full(net.layers, products * (3.0 * op.macs() + kappa * op.size)
+    costs = np.full(net.layers, products * (3.0 * op.macs() / op.matmul_fraction
+                                            + kappa * op.size)
                     + call_cost(net, CALLS[net.scheme_name], batch_size))
-    costs[0] += (2.0 * opening.macs() + kappa * opening.size
+    costs[0] += (2.0 * opening.macs() / opening.matmul_fraction + kappa * opening.size
                  + call_cost(net, CALLS["opening"], batch_size))
     costs[-1] += (3.0 * net.n_classes * net.classifier_width
                   + call_cost(net, CALLS["classifier"], batch_size))
