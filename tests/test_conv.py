@@ -273,7 +273,7 @@ def test_shipped_conv_config_trains_on_two_ranks(mnist_path, tmp_path):
                  "--set", "data.n_train=1024", "--set", "data.n_val=512", "--set", "train.epochs=1",
                  "--set", "coarse.iterations=8", "--out", str(out)]) == 0
     attrs, params, h, _, _ = read_result(str(out))
-    assert params["K"].shape == (4, 8, 8, 3, 3) and h["val_acc"][-1] > 0.5
+    assert params["K"].shape == (4, 16, 16, 3, 3) and h["val_acc"][-1] > 0.5
 
 
 @pytest.mark.parametrize("stride", [1, 2])
