@@ -116,42 +116,35 @@ class Conv:
         self.size = c * self.height * self.width
         self.kernel_shape = (c, self.in_channels, k, k)
         self.bias_shape = (c,)
+        # its scratch names: an opening layer's apart from the ODE layers' in a shared workspace
+        self.tag = "" if s == 1 else f".s{s}"
 
-    def _cols(self, x, ws, name):
-        n, c, H, W = x.shape
-        p = self.kernel // 2
-        padded = scratch(ws, name + ".pad", (n, c, H + 2 * p, W + 2 * p), x.dtype)
-        shape = cols_shape(x.shape, self.kernel, self.stride)
-        return im2col(x, self.kernel, out=scratch(ws, name, shape, x.dtype), padded=padded,
-                      stride=self.stride)
-
-    def _shifted(self, x, ws, name):
-        """The k × k shifted copies of the zero-padded images ``x`` (n, c_in,
-        H, W), shape (n, c_in k k, H Wp), ``Wp = W + k − 1``: each image's
-        padded rows laid end to end, so that each tap is one contiguous
-        shift of them (an im2col whose copies run along whole rows; the
-        output comes on the padded width, and the last ``k − 1`` columns of
-        each of its rows are not positions)."""
+    def _columns(self, x, ws, name):
+        """The neighbourhoods that an ``apply`` of ``x`` (n, c_in, H, W)
+        multiplies, shape (n, c_in k k, Ho Wg), and ``Wg``: the width of the
+        grid the output comes on.  With stride 1 the k × k shifts of the
+        padded images' rows laid end to end (each tap one contiguous copy;
+        ``Wg = W + k − 1``, whose last ``k − 1`` columns are not positions),
+        else :func:`im2col` (``Wg`` the output's width)."""
         n, c, H, W = x.shape
         k = self.kernel
         p = k // 2
         Hp, Wp = H + 2 * p, W + 2 * p
+        if self.stride > 1:
+            padded = scratch(ws, name + self.tag + ".pad", (n, c, Hp, Wp), x.dtype)
+            shape = cols_shape(x.shape, k, self.stride)
+            return im2col(x, k, out=scratch(ws, name + self.tag, shape, x.dtype), padded=padded,
+                          stride=self.stride), self.width
         flat = scratch(ws, name + ".pad", (n, c, Hp * Wp + k - 1), x.dtype)
-        grid = flat[:, :, :Hp * Wp].reshape(n, c, Hp, Wp)
-        if p:
-            grid[:, :, :p] = 0
-            grid[:, :, Hp - p:] = 0
-            grid[:, :, :, :p] = 0
-            grid[:, :, :, Wp - p:] = 0
-            flat[:, :, Hp * Wp:] = 0
-        grid[:, :, p:p + H, p:p + W] = x
+        zero_padded(x, p, flat[:, :, :Hp * Wp].reshape(n, c, Hp, Wp))
+        flat[:, :, Hp * Wp:] = 0
         L = H * Wp
         cols = scratch(ws, name, (n, c, k, k, L), x.dtype)
         for a in range(k):
             for b in range(k):
                 off = a * Wp + b
                 cols[:, :, a, b] = flat[:, :, off:off + L]
-        return cols.reshape(n, c * k * k, L)
+        return cols.reshape(n, c * k * k, L), Wp
 
     def passes(self, n, itemsize):
         """Slices of ``n`` samples that an ``apply`` or a weight gradient
@@ -166,15 +159,10 @@ class Conv:
         c = self.channels
         Km = Kj.reshape(c, -1)
         for rows in self.passes(x.shape[0], x.dtype.itemsize):
-            xs, m = x[rows], rows.stop - rows.start
-            if self.stride > 1:
-                cols = self._cols(xs, ws, "cols")
-                np.matmul(Km, cols, out=out[rows].reshape(m, c, -1))
-                continue
-            cols = self._shifted(xs, ws, "scols")
-            wide = scratch(ws, "wide", (m, c, cols.shape[2]), x.dtype)
-            np.matmul(Km, cols, out=wide)
-            out[rows] = wide.reshape(m, c, self.height, -1)[..., :self.width]
+            cols, Wg = self._columns(x[rows], ws, "cols")
+            grid = scratch(ws, "grid" + self.tag, (cols.shape[0], c, cols.shape[2]), x.dtype)
+            np.matmul(Km, cols, out=grid)
+            out[rows] = grid.reshape(cols.shape[0], c, self.height, Wg)[..., :self.width]
         return out
 
     def apply_t(self, x, Kj, out, ws=None):
@@ -193,23 +181,17 @@ class Conv:
         H_in, W_in), out (k, c, c_in, kh, kw)."""
         c = self.channels
         passes = self.passes(D.shape[1], D.dtype.itemsize)
-        part = scratch(ws, "gpart", (c, int(np.prod(self.kernel_shape[1:]))), D.dtype)
+        part = scratch(ws, "gpart" + self.tag, (c, int(np.prod(self.kernel_shape[1:]))), D.dtype)
         for i in range(D.shape[0]):
             total = out[i].reshape(c, -1)
             for j, rows in enumerate(passes):
-                m = rows.stop - rows.start
-                if self.stride > 1:
-                    cols = self._cols(X[i, rows], ws, "gcols")  # (m, c_in k k, H W)
-                    d = D[i, rows].reshape(m, c, -1)
-                else:  # D on the padded width, zero off the positions
-                    cols = self._shifted(X[i, rows], ws, "gscols")  # (m, c_in k k, H Wp)
-                    wide = scratch(ws, "dwide", (m, c, self.height,
-                                                 self.width + self.kernel - 1), D.dtype)
-                    wide[..., self.width:] = 0
-                    wide[..., :self.width] = D[i, rows]
-                    d = wide.reshape(m, c, -1)
-                per = scratch(ws, "gper", (m, c, cols.shape[1]), D.dtype)
-                np.matmul(d, cols.transpose(0, 2, 1), out=per)
+                cols, Wg = self._columns(X[i, rows], ws, "gcols")
+                m = cols.shape[0]
+                grid = scratch(ws, "dgrid" + self.tag, (m, c, self.height, Wg), D.dtype)
+                grid[..., self.width:] = 0  # D on the output's grid, zero off the positions
+                grid[..., :self.width] = D[i, rows]
+                per = scratch(ws, "gper" + self.tag, (m, c, cols.shape[1]), D.dtype)
+                np.matmul(grid.reshape(m, c, -1), cols.transpose(0, 2, 1), out=per)
                 np.sum(per, axis=0, out=total if j == 0 else part)
                 if j:
                     total += part
@@ -232,6 +214,19 @@ class Conv:
         if self.stride > 1:
             return padded + c * k * k * self.height * self.width
         return padded + (c * k * k + self.channels) * H * (W + k - 1)
+
+
+def zero_padded(x, p, out):
+    """``x`` (n, c, H, W) with ``p`` zeros around each image, written into
+    ``out`` (n, c, H + 2p, W + 2p)."""
+    H, W = x.shape[2:]
+    if p:
+        out[:, :, :p] = 0
+        out[:, :, H + p:] = 0
+        out[:, :, :, :p] = 0
+        out[:, :, :, W + p:] = 0
+    out[:, :, p:p + H, p:p + W] = x
+    return out
 
 
 def cols_shape(shape, k, stride=1):
@@ -267,12 +262,7 @@ def im2col(x, k, out=None, padded=None, stride=1):
     p = k // 2
     if padded is None:
         padded = np.empty((n, c, H + 2 * p, W + 2 * p), dtype=x.dtype)
-    if p:
-        padded[:, :, :p] = 0
-        padded[:, :, -p:] = 0
-        padded[:, :, :, :p] = 0
-        padded[:, :, :, -p:] = 0
-    padded[:, :, p:p + H, p:p + W] = x
+    zero_padded(x, p, padded)
     windows = sliding_window_view(padded, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]
     Ho, Wo = windows.shape[2], windows.shape[3]  # windows: (n, c, Ho, Wo, k, k)
     if out is None:
