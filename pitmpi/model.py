@@ -168,15 +168,13 @@ class ResNet:
         """
         rng = np.random.default_rng(seed)
         shapes = self.param_shapes()
-        fan_in = {name: int(np.prod(shapes[name][-1 if name == "cls.W" else 1:]))
-                  for name in ("open.K", "cls.W")}
-        fan_in["K"] = int(np.prod(self.op.kernel_shape[1:]))
+        fan_in = lambda weight_shape: np.sqrt(int(np.prod(weight_shape[1:])))  # (out, in...)
         p = {
-            "open.K": rng.standard_normal(shapes["open.K"]) / np.sqrt(fan_in["open.K"]),
+            "open.K": rng.standard_normal(shapes["open.K"]) / fan_in(shapes["open.K"]),
             "open.b": np.zeros(shapes["open.b"]),
-            "K": rng.standard_normal(shapes["K"]) / np.sqrt(fan_in["K"]),
+            "K": rng.standard_normal(shapes["K"]) / fan_in(self.op.kernel_shape),
             "b": np.zeros(shapes["b"]),
-            "cls.W": rng.standard_normal(shapes["cls.W"]) / np.sqrt(fan_in["cls.W"]),
+            "cls.W": rng.standard_normal(shapes["cls.W"]) / fan_in(shapes["cls.W"]),
             "cls.b": np.zeros(shapes["cls.b"]),
         }
         return {k: v.astype(self.dtype) for k, v in p.items()}
@@ -384,13 +382,12 @@ class Block:
         gK = scratch(ws, GRADIENT_SLOTS["K"], K.shape, dt)
         gb = scratch(ws, GRADIENT_SLOTS["b"], params["b"].shape, dt)
         lam_in = net.scheme.backward(K, params["b"], net.h, ctx.traj, lam_out, net.act, gK, gb, ws,
-                                     net.op)
+                                     op=net.op)
         grads["K"], grads["b"] = gK, gb
         if self.first:
             grads["open.K"], grads["open.b"] = opening_backward(
-                ctx.inp, ctx.S0, lam_in[:, :w], net.act,
-                out=scratch(ws, GRADIENT_SLOTS["open.K"], params["open.K"].shape, dt),
-                op=net.open_op)
+                ctx.inp, ctx.S0, lam_in[:, :w], net.act, net.open_op,
+                out=scratch(ws, GRADIENT_SLOTS["open.K"], params["open.K"].shape, dt))
             lam_in = None
         return lam_in, grads, stats
 

@@ -14,8 +14,8 @@ from .operators import Conv, Dense
 from .workspace import Workspace
 
 
-def _euler_backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
-    return euler.backward(K, h, traj, lam, act, gK, gb, ws, op)
+def _euler_backward(K, b, h, traj, lam, act, gK, gb, ws=None, *, op):
+    return euler.backward(K, h, traj, lam, act, gK, gb, ws, op=op)
 
 
 class _Scheme:

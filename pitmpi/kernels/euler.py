@@ -17,7 +17,6 @@ States enter and leave flattened, (n, op.size).
 import numpy as np
 
 from .activations import prescaled
-from .operators import Dense
 from .workspace import layers_per_chunk, scratch
 
 
@@ -46,7 +45,7 @@ class EulerTrajectory:
         return self.end
 
 
-def forward(K, b, h, x, act, store=True, ws=None, op=None):
+def forward(K, b, h, x, act, store=True, ws=None, *, op):
     """Run layers ``K, b`` from the state ``x``.
 
     Parameters
@@ -64,15 +63,14 @@ def forward(K, b, h, x, act, store=True, ws=None, op=None):
     ws : Workspace, optional
         Where the trajectory lives (reused between calls; it is then valid
         until the next call with ``ws``).
-    op : operator, optional
-        The layers' linear map (default: dense of the width of ``K``).
+    op : Dense or Conv
+        The layers' linear map.
 
     Returns
     -------
     EulerTrajectory
         Its ``end`` is a new array.
     """
-    op = op or Dense(K.shape[1])
     m = K.shape[0]
     n = x.shape[0]
     shape = (n,) + op.sample_shape
@@ -96,7 +94,7 @@ def forward(K, b, h, x, act, store=True, ws=None, op=None):
     return EulerTrajectory(end, Y, S) if store else EulerTrajectory(end)
 
 
-def backward(K, h, traj, lam, act, gK, gb, ws=None, op=None):
+def backward(K, h, traj, lam, act, gK, gb, ws=None, *, op):
     """Adjoint sweep through the block.
 
     Parameters
@@ -114,7 +112,7 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None, op=None):
         Overwritten with ``∇b``.
     ws : Workspace, optional
         Scratch arrays reused between calls.
-    op : operator, optional
+    op : Dense or Conv
         As for :func:`forward`.
 
     Returns
@@ -124,7 +122,6 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None, op=None):
     """
     if not traj.stored:
         raise ValueError("the Euler adjoint needs the stored trajectory (forward with store=True)")
-    op = op or Dense(K.shape[1])
     m = K.shape[0]
     n = lam.shape[0]
     shape = (n,) + op.sample_shape

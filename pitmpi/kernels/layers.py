@@ -7,13 +7,10 @@ state, or its per-channel means): ``S = F @ W.T + mu`` and
 """
 import numpy as np
 
-from .operators import Dense
 
-
-def opening_forward(Ko, bo, X, act, op=None):
+def opening_forward(Ko, bo, X, act, op):
     """Return ``σ(op(X, Ko) + bo)``, shape (n, op.size), for ``X`` (n, d)
-    (``op``: the opening's operator, default dense (w, d) of ``Ko``'s shape)."""
-    op = op or Dense(*Ko.shape)
+    (``op``: the opening layer's operator)."""
     n = X.shape[0]
     S0 = np.empty((n, op.size), dtype=np.result_type(X, Ko))
     op.apply(X.reshape((n,) + op.in_shape), Ko, S0.reshape((n,) + op.sample_shape))
@@ -21,7 +18,7 @@ def opening_forward(Ko, bo, X, act, op=None):
     return act.apply(S0)
 
 
-def opening_backward(X, S0, lam0, act, out=None, op=None):
+def opening_backward(X, S0, lam0, act, op, out=None):
     """Gradients of the opening layer.
 
     Parameters
@@ -32,17 +29,16 @@ def opening_backward(X, S0, lam0, act, out=None, op=None):
     lam0 : ndarray, shape (n, op.size)
         Co-state ``Λ^Y_0``.
     act : Activation
+    op : Dense or Conv
+        As for :func:`opening_forward`.
     out : ndarray, shape op.kernel_shape, optional
         Where to write ``gKo``.
-    op : operator, optional
-        As for :func:`opening_forward` (default dense of ``out``'s shape).
 
     Returns
     -------
     gKo : ndarray, shape op.kernel_shape
     gbo : ndarray, shape op.bias_shape
     """
-    op = op or Dense(S0.shape[1], X.shape[1])
     D0 = act.scale_by_derivative(S0, lam0, out=np.empty_like(S0))
     n = X.shape[0]
     if out is None:

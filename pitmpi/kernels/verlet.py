@@ -23,7 +23,6 @@ the price of a second forward sweep.
 import numpy as np
 
 from .activations import prescaled
-from .operators import Dense
 from .workspace import layers_per_chunk, scratch
 
 
@@ -83,7 +82,7 @@ def _step(Kj, bj, h, Yj, Zj, act, factor, sa, sb, Yn, Zn, op, ws):
     Yn += Yj
 
 
-def forward(K, b, h, x, act, store=True, ws=None, op=None):
+def forward(K, b, h, x, act, store=True, ws=None, *, op):
     """Run layers ``K, b`` from the state ``x = [Y, Z]``.
 
     Parameters
@@ -98,15 +97,14 @@ def forward(K, b, h, x, act, store=True, ws=None, op=None):
     ws : Workspace, optional
         Where the trajectory and scratch arrays live (reused between calls;
         the trajectory is then valid until the next call with ``ws``).
-    op : operator, optional
-        The layers' linear map (default: dense of the width of ``K``).
+    op : Dense or Conv
+        The layers' linear map.
 
     Returns
     -------
     VerletTrajectory
         Its ``end`` is a new array.
     """
-    op = op or Dense(K.shape[1])
     factor, K, b = prescaled(K, b, act, x.shape[0] * op.size, ws)
     with np.errstate(over="ignore"):
         return _forward(K, b, h, x, act, factor, store, ws, op)
@@ -139,7 +137,7 @@ def _forward(K, b, h, x, act, factor, store, ws, op):
     return VerletTrajectory(joined(Yc, Zc))
 
 
-def backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
+def backward(K, b, h, traj, lam, act, gK, gb, ws=None, *, op):
     """Adjoint sweep through the block, from a stored or an end-only trajectory.
 
     Parameters
@@ -158,7 +156,7 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
         Overwritten with ``∇b``.
     ws : Workspace, optional
         Scratch arrays reused between calls.
-    op : operator, optional
+    op : Dense or Conv
         As for :func:`forward`.
 
     Returns
@@ -166,7 +164,6 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None, op=None):
     ndarray, shape (n, 2 op.size)
         Co-state at the block's left end (a new array).
     """
-    op = op or Dense(K.shape[1])
     n, dt = lam.shape[0], lam.dtype
     shape = (n,) + op.sample_shape
     lamY, lamZ, tmp = (scratch(ws, name, shape, dt) for name in ("lamY", "lamZ", "tmp"))

@@ -43,6 +43,7 @@ class CostateMonitor:
         self.rel = np.full(m, np.nan)  # this rank's right boundary (NaN on the last rank)
         # (⟨ĝ, g⟩, ‖ĝ‖², ‖g‖²) of this block's gradient from Λ̂ (ĝ) and the exact one (g)
         self.dots = np.full((m, 3), np.nan)
+        self.last_error = np.nan  # this rank's boundary error at the latest measurement
 
     def due(self, k):
         """Whether the monitor measures after iteration ``k``."""
@@ -80,6 +81,7 @@ class CostateMonitor:
                 t.layout.group.allreduce_sum(self.squares)
                 self.rel[i] = self.squares[0] ** 0.5 / max(self.squares[1] ** 0.5, 1e-300)
         self.dots[i] = (predicted @ exact, predicted @ predicted, exact @ exact)
+        self.last_error = self.rel[i]
 
     def history(self, k_done):
         """Collective: ``{name: array}`` of the first ``k_done`` iterations on

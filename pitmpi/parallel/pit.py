@@ -51,7 +51,6 @@ def shared_coarse(cfg, size):
     return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
 
 
-MAX_REGRESSION_GIB = 1.0  # larger normal equations are refused with a hint
 MEMORY = 0.9  # weight of the past in the running means of regression.clip and .damping
 
 
@@ -88,16 +87,11 @@ class PitTrainer(BlockTrainer):
                               f"boundary state's width, {sw} here (0: full width)")
         self.reg = None
         if self.next is not None:
-            state_map = state_map_for(self.net, rg)
-            f = (sw if state_map is None else state_map.width) + 1
-            groups = self.net.n_classes if rg["features"] == "per-class" else 1
-            gib = groups * f * (f + (rg["rank"] or sw)) * 8 / 2**30
-            if gib > MAX_REGRESSION_GIB:
-                raise ConfigError(f"the co-state regression at a boundary would hold {gib:.1f} GiB "
-                                  f"of normal equations ({f} features per sample, boundary "
-                                  f"state width {sw}); fit on fewer features: regression.pool "
-                                  "(conv states), regression.rank, or regression.features")
-            self.reg = CostateRegression.from_config(sw, self.net.n_classes, rg, state_map)
+            try:
+                self.reg = CostateRegression.from_config(sw, self.net.n_classes, rg,
+                                                         state_map_for(self.net, rg))
+            except ValueError as e:  # too large to hold
+                raise ConfigError(str(e)) from None
         n_iter = self.epochs * self.batches.per_epoch
         self.mse = np.full(n_iter, np.nan)
         self.rel = np.full(n_iter, np.nan)
@@ -422,8 +416,7 @@ class PitTrainer(BlockTrainer):
         self.drain()  # the sweep's messages must not meet the pipeline's
         spent = super().run_monitor(k)
         if self.fallback:
-            i = (k + 1) // self.monitor.every - 1
-            worst = self.worst_error(self.monitor.rel[i])
+            worst = self.worst_error(self.monitor.last_error)
             if worst > self.fallback:
                 self.exact_mode, self.exact_since = True, k + 1
                 self.log.debug("monitor.fallback: error %.3g > %g after iteration %d: exact "
@@ -448,19 +441,17 @@ class PitTrainer(BlockTrainer):
         is at most the bound, the pipeline refills from iteration k + 1."""
         self.exact[k] = True
         y = self.labels(k)
-        err = [np.nan]
 
-        def at_boundary(ctx, lam):
-            x = np.array(ctx.output)
-            lam_hat = self.bounded(self.reg.predict(x, y, n=self.batches.batch_size))
-            self.learn(k, x, y, lam_hat, np.array(lam))
-            err[0] = self.rel[k]
+        def at_boundary(ctx, lam):  # the pair learnt; its error goes to self.rel[k]
+            x = ctx.output
+            self.learn(k, x, y, self.bounded(self.reg.predict(x, y, n=self.batches.batch_size)),
+                       lam)
 
         check = lambda x_out: self.check_finite("state at its right boundary", x_out, k, epoch)
         _, grads, (loss, correct) = self.exact_sweep(self.block, k, y, check=check,
                                                      at_boundary=at_boundary)
         loss = BlockTrainer.finish_step(self, grads, k, epoch, loss)  # exact: not damped
-        worst = self.worst_error(err[0])
+        worst = self.worst_error(self.rel[k])
         if worst <= self.fallback:
             self.exact_mode = False
             self.log.debug("monitor.fallback: error %.3g after %d exact iterations: the "

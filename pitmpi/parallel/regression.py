@@ -27,6 +27,7 @@ import scipy.linalg.lapack
 
 
 FEATURES = ("state", "state+label", "per-class")
+MAX_NORMAL_EQUATIONS_GIB = 1.0  # larger ones are refused, naming the keys that shrink them
 
 # With few classes and small states, ``per-class`` handles all classes in one
 # product over one-hot-masked rows instead of one call per class: worth it
@@ -120,6 +121,12 @@ class CostateRegression:
         self.pairs_per_batch = int(pairs_per_batch)
         self.groups = self.n_classes if features == "per-class" else 1
         f, k = self.n_features, self.out_width
+        gib = self.groups * f * (f + k) * 8 / 2**30
+        if gib > MAX_NORMAL_EQUATIONS_GIB:
+            raise ValueError(f"the co-state regression at a boundary would hold {gib:.1f} GiB of "
+                             f"normal equations ({f} features per sample, boundary state width "
+                             f"{self.state_width}); fit on fewer features: regression.pool "
+                             "(conv states), regression.rank, or regression.features")
         self.GH = np.zeros((self.groups, f, f + k))  # [G | H] side by side: one product updates both
         self.theta = np.zeros((self.groups, f, k))
         self._Y = np.zeros((self.state_width, k)) if self.rank else None  # Σ p pᵀ B since B was set

@@ -80,16 +80,16 @@ def build_network(cfg, data):
             raise ConfigError(f"model.classifier = {m['classifier']!r} is not allowed with "
                               "model.kind = 'dense' (its classifier reads the whole state: "
                               "'flatten')")
-        shape = {}
+        width, shape = m["width"], {}
     else:
         if data.image_shape is None:
             raise ConfigError(f"model.kind = 'conv' needs images, but data.name = "
                               f"{cfg['data']['name']!r} has {data.n_features} features per sample "
                               "(use mnist, or an .npz whose x arrays are (n, H, W) or "
                               "(n, C, H, W))")
+        width = m["channels"]
         shape = {"kind": "conv", "image_shape": data.image_shape, "kernel": m["kernel"],
                  "stride": m["stride"], "classifier": m["classifier"]}
-    width = m["width"] if m["kind"] == "dense" else m["channels"]
     return ResNet(m["scheme"], data.n_features, width, m["layers"], data.n_classes,
                   m["T"], m["activation"], t["weight_decay"], m["dtype"], m["store_trajectory"],
                   t["label_smoothing"], **shape)
