@@ -78,7 +78,7 @@ def main():
             for k, (x, lam, y) in enumerate(fit):
                 reg.add(x, y, lam, refit=k + 1 == len(fit), n=batch)
             update = (time.perf_counter() - t) / len(fit)
-            err, t = [], time.perf_counter()
+            t = time.perf_counter()
             preds = [reg.predict(x, y, n=batch) for x, _, y in test]
             predict = (time.perf_counter() - t) / len(test)
             err = [np.linalg.norm(p - lam) / np.linalg.norm(lam) for p, (_, lam, _) in zip(preds, test)]
