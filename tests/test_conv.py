@@ -60,6 +60,39 @@ def test_conv_transpose_and_weight_gradient_are_adjoints(k):
     np.testing.assert_allclose(op.bias_grads(v[None])[0], v.sum(axis=(0, 2, 3)))
 
 
+@pytest.mark.parametrize("make", [lambda: Dense(5), lambda: Conv(3, 5, 6, 3),
+                                  lambda: Conv(3, 7, 6, 3, in_channels=2, stride=2)],
+                         ids=["dense", "conv", "conv-stride2"])
+@pytest.mark.parametrize("passes", [None, 1])
+def test_weight_gradient_beside_a_product_is_weight_grads(make, passes, monkeypatch):
+    """``apply(x, grad=(D, g))`` and ``apply_t(v, grad=(X, g))`` (the conv
+    kernels' form, from the product's own columns) give ``weight_grads``'s
+    gradients, and the product unchanged, in one pass or several."""
+    from pitmpi.kernels import operators
+    if passes:
+        monkeypatch.setattr(operators, "PASS_SCRATCH_BYTES", passes)
+    op = make()
+    rng = np.random.default_rng(6)
+    n = 11
+    x = rng.standard_normal((n,) + op.in_shape)
+    D = rng.standard_normal((n,) + op.sample_shape)
+    K = rng.standard_normal(op.kernel_shape)
+    expected = np.empty((1,) + op.kernel_shape)
+    op.weight_grads(D[None], x[None], expected)
+    plain, out, g = np.empty_like(D), np.empty_like(D), np.empty(op.kernel_shape)
+    op.apply(x, K, plain)
+    op.apply(x, K, out, grad=(D, g))
+    np.testing.assert_array_equal(out, plain)
+    np.testing.assert_allclose(g, expected[0], rtol=1e-12, atol=1e-12)
+    if op.in_shape != op.sample_shape:
+        return  # apply_t is an ODE layer's (square, stride 1)
+    plain_t, out_t, g_t = np.empty_like(x), np.empty_like(x), np.empty(op.kernel_shape)
+    op.apply_t(D, K, plain_t)
+    op.apply_t(D, K, out_t, grad=(x, g_t))  # the gradient of ⟨D, apply(x, K)⟩ again
+    np.testing.assert_array_equal(out_t, plain_t)
+    np.testing.assert_allclose(g_t, expected[0], rtol=1e-12, atol=1e-12)
+
+
 def test_im2col_stride_keeps_every_other_position():
     x = np.arange(2 * 1 * 5 * 5, dtype=float).reshape(2, 1, 5, 5)
     cols = im2col(x, 3, stride=2)

@@ -139,9 +139,11 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None, *, op):
         d = act.derivative(traj.S[lo:hi], D[:hi - lo])
         for i in range(hi - lo - 1, -1, -1):
             d[i] *= lam
-            op.apply_t(d[i], hK[lo + i], tmp, ws)
+            grad = (traj.Y[lo + i], gK[lo + i]) if op.grads_with_products else None
+            op.apply_t(d[i], hK[lo + i], tmp, ws, grad)
             lam += tmp
-        op.weight_grads(d, traj.Y[lo:hi], gK[lo:hi], ws)
+        if not op.grads_with_products:
+            op.weight_grads(d, traj.Y[lo:hi], gK[lo:hi], ws)
         op.bias_grads(d, gb[lo:hi])
     gK *= h
     gb *= h

@@ -7,6 +7,12 @@ states and how to form the weights' gradient (DESIGN §10, §11.5):
 - ``op.apply(x, Kj, out)``: ``conv(x, Kj)``; dense ``x @ Kj.T``;
 - ``op.apply_t(x, Kj, out)``: the adjoint, ``convᵀ(x, Kj)``; dense ``x @ Kj``,
   so that ``⟨apply(x, K), v⟩ = ⟨x, apply_t(v, K)⟩``;
+- both take ``grad=(other, g)`` to write into ``g`` the weight gradient that
+  pairs with the product: ``apply(x, ·, grad=(D, g))`` the gradient of
+  ``⟨D, apply(x, K)⟩``, ``apply_t(x, ·, grad=(X, g))`` that of
+  ``⟨x, apply(X, K)⟩``.  A convolution forms it from the columns the
+  product has just built (``op.grads_with_products``); the dense kernels
+  batch a chunk of layers' gradients with ``weight_grads`` instead;
 - ``op.add_bias(s, bj)``: one bias per unit (dense) or per channel (conv);
 - ``op.weight_grads(D, X, out)``: ``out[i] = ∂/∂K ⟨D[i], apply(X[i], K)⟩``
   for a chunk of layers (dense ``D[i]ᵀ X[i]``);
@@ -36,6 +42,9 @@ class Dense:
 
     kind = "dense"
     matmul_fraction = 1.0  # of the matrix-product rate its multiply-adds run at
+    # its weight gradients batched per chunk of layers (weight_grads): faster
+    # for small layers than one product beside each layer's
+    grads_with_products = False
 
     def __init__(self, width, in_width=None):
         self.width = int(width)
@@ -46,10 +55,14 @@ class Dense:
         self.kernel_shape = (self.width, self.in_width)
         self.bias_shape = (self.width,)
 
-    def apply(self, x, Kj, out, ws=None):
+    def apply(self, x, Kj, out, ws=None, grad=None):
+        if grad is not None:
+            np.matmul(grad[0].T, x, out=grad[1])
         return np.matmul(x, Kj.T, out=out)
 
-    def apply_t(self, x, Kj, out, ws=None):
+    def apply_t(self, x, Kj, out, ws=None, grad=None):
+        if grad is not None:
+            np.matmul(x.T, grad[0], out=grad[1])
         return np.matmul(x, Kj, out=out)
 
     def add_bias(self, s, bj):
@@ -99,10 +112,11 @@ class Conv:
 
     kind = "conv"
     # of the dense products' rate its multiply-adds run at: the shifted copies
-    # cost as much as the small products (measured, c = 8 at 14 x 14: 6.8
-    # GMAC/s in float64 against 20, 10.5-14 in float32 against 40;
-    # run/bench_kernels.py --conv and a training run)
-    matmul_fraction = 0.3
+    # cost about as much as the small products (measured, c = 8 at 14 x 14,
+    # whole loss_and_grad: 8.6 GMAC/s in float64 against 20, 15.6 in float32
+    # against 40; c = 16: 12 and 22; run/bench_kernels.py --conv)
+    matmul_fraction = 0.4
+    grads_with_products = True  # a weight gradient reuses its product's columns
 
     def __init__(self, channels, height, width, kernel, in_channels=None, stride=1):
         self.channels, self.kernel, self.stride = int(channels), int(kernel), int(stride)
@@ -154,24 +168,60 @@ class Conv:
         rows = max(8, PASS_SCRATCH_BYTES // (self.scratch_per_sample() * itemsize))
         return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
-    def apply(self, x, Kj, out, ws=None):
-        """``conv(x, Kj)``: x (n, c_in, H_in, W_in), out (n, c, H, W)."""
-        c = self.channels
-        Km = Kj.reshape(c, -1)
-        for rows in self.passes(x.shape[0], x.dtype.itemsize):
+    def _products(self, x, ws, Km=None, out=None, other=None):
+        """One sweep over the columns of ``x`` (n, c_in, H_in, W_in), pass by
+        pass: ``out`` (n, c, H, W) ``= Km @ columns`` where ``Km`` (c, c_in k
+        k) is given, and, where ``other`` (n, c_o, H, W) is, the sum over
+        samples and positions of ``columns @ otherᵀ``, returned with shape
+        (c_in k k, c_o): ``[(ci, a, b), co] = Σ x[ci, · + (a, b) − k//2]
+        other[co, ·]``."""
+        total = part = None
+        for j, rows in enumerate(self.passes(x.shape[0], x.dtype.itemsize)):
             cols, Wg = self._columns(x[rows], ws, "cols")
-            grid = scratch(ws, "grid" + self.tag, (cols.shape[0], c, cols.shape[2]), x.dtype)
-            np.matmul(Km, cols, out=grid)
-            out[rows] = grid.reshape(cols.shape[0], c, self.height, Wg)[..., :self.width]
+            m, dt = cols.shape[0], x.dtype
+            if Km is not None:
+                grid = scratch(ws, "grid" + self.tag, (m, Km.shape[0], cols.shape[2]), dt)
+                np.matmul(Km, cols, out=grid)
+                out[rows] = grid.reshape(m, -1, self.height, Wg)[..., :self.width]
+            if other is not None:
+                co = other.shape[1]
+                og = scratch(ws, "ogrid" + self.tag, (m, co, self.height, Wg), dt)
+                og[..., self.width:] = 0  # on the columns' grid, zero off the positions
+                og[..., :self.width] = other[rows]
+                # columns @ otherᵀ, not other @ columnsᵀ: the contiguous operand
+                # first (measured 1.7x faster, c = 16 at 14 x 14, float32)
+                per = scratch(ws, "gper" + self.tag, (m, cols.shape[1], co), dt)
+                np.matmul(cols, og.reshape(m, co, -1).transpose(0, 2, 1), out=per)
+                if j == 0:
+                    total = np.sum(per, axis=0, out=scratch(ws, "gtot" + self.tag, per.shape[1:], dt))
+                else:
+                    total += np.sum(per, axis=0, out=scratch(ws, "gpart" + self.tag, per.shape[1:], dt))
+        return total
+
+    def apply(self, x, Kj, out, ws=None, grad=None):
+        """``conv(x, Kj)``: x (n, c_in, H_in, W_in), out (n, c, H, W);
+        ``grad=(D, g)``: also ``g`` (c, c_in, k, k) ``= Σ_samples D ⋆ x``."""
+        total = self._products(x, ws, Kj.reshape(self.channels, -1), out,
+                               None if grad is None else grad[0])
+        if grad is not None:
+            grad[1][...] = total.T.reshape(self.kernel_shape)
         return out
 
-    def apply_t(self, x, Kj, out, ws=None):
+    def apply_t(self, x, Kj, out, ws=None, grad=None):
         """``convᵀ(x, Kj)``: the correlation with the kernel flipped in space
-        and its channels swapped (square, stride 1: an ODE layer)."""
+        and its channels swapped (square, stride 1: an ODE layer);
+        ``grad=(X, g)``: also ``g = Σ_samples x ⋆ X``, the gradient of
+        ``⟨x, conv(X, K)⟩``, from the same columns (those of ``x``, whose
+        shifts are the flipped ones)."""
         flipped = Kj[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         Kt = scratch(ws, "Kflip", flipped.shape, Kj.dtype)
         Kt[...] = flipped
-        return self.apply(x, Kt, out, ws)
+        total = self._products(x, ws, Kt.reshape(self.channels, -1), out,
+                               None if grad is None else grad[0])
+        if grad is not None:
+            k = self.kernel
+            grad[1][...] = total.reshape(-1, k, k, self.in_channels)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
+        return out
 
     def add_bias(self, s, bj):
         s += bj[:, None, None]
@@ -179,22 +229,8 @@ class Conv:
     def weight_grads(self, D, X, out, ws=None):
         """``out[i] = Σ_samples D[i] ⋆ X[i]``: D (k, n, c, H, W), X (k, n, c_in,
         H_in, W_in), out (k, c, c_in, kh, kw)."""
-        c = self.channels
-        passes = self.passes(D.shape[1], D.dtype.itemsize)
-        part = scratch(ws, "gpart" + self.tag, (c, int(np.prod(self.kernel_shape[1:]))), D.dtype)
         for i in range(D.shape[0]):
-            total = out[i].reshape(c, -1)
-            for j, rows in enumerate(passes):
-                cols, Wg = self._columns(X[i, rows], ws, "gcols")
-                m = cols.shape[0]
-                grid = scratch(ws, "dgrid" + self.tag, (m, c, self.height, Wg), D.dtype)
-                grid[..., self.width:] = 0  # D on the output's grid, zero off the positions
-                grid[..., :self.width] = D[i, rows]
-                per = scratch(ws, "gper" + self.tag, (m, c, cols.shape[1]), D.dtype)
-                np.matmul(grid.reshape(m, c, -1), cols.transpose(0, 2, 1), out=per)
-                np.sum(per, axis=0, out=total if j == 0 else part)
-                if j:
-                    total += part
+            out[i] = self._products(X[i], ws, other=D[i]).T.reshape(self.kernel_shape)
         return out
 
     def bias_grads(self, D, out=None):

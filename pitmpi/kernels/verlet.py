@@ -265,16 +265,18 @@ class _ChunkBuffers:
         act.derivative(SB, e)
         act.derivative(SA, f)
         hK, op, ws = self.hK, self.op, self.ws
+        fused = op.grads_with_products
         for i in range(k - 1, -1, -1):
             e[i] *= lamY
-            op.apply_t(e[i], hK[lo + i], tmp, ws)
+            op.apply_t(e[i], hK[lo + i], tmp, ws, (Z[i + 1], gK[lo + i]) if fused else None)
             lamZ += tmp
             f[i] *= lamZ
-            op.apply(f[i], hK[lo + i], tmp, ws)
+            op.apply(f[i], hK[lo + i], tmp, ws, (Y[i], g[i]) if fused else None)
             lamY -= tmp
         # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j) (dense)
-        op.weight_grads(e, Z[1:], gK[lo:hi], ws)
-        op.weight_grads(Y[:-1], f, g, ws)
+        if not fused:
+            op.weight_grads(e, Z[1:], gK[lo:hi], ws)
+            op.weight_grads(Y[:-1], f, g, ws)
         gK[lo:hi] -= g
         op.bias_grads(e, gb[lo:hi])
         gb[lo:hi] -= op.bias_grads(f)

@@ -3,7 +3,7 @@
 Cost per sample of forward + backward, in multiply-add equivalents, for a
 layer whose linear map costs ``M`` multiply-adds and gives ``s`` values a
 sample (dense: ``M = w²``, ``s = w``; conv: ``M = c² k² H W``, ``s = c H W``,
-counted at ``Conv.matmul_fraction = 0.3`` of the matrix-product rate: its
+counted at ``Conv.matmul_fraction`` (0.4) of the matrix-product rate: its
 shifted copies of the images cost about as much as its small products):
 
 - an ODE layer: ``3M`` for Euler (one product forward, two backward),
