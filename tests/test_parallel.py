@@ -341,6 +341,22 @@ def test_a_low_rank_regression_predicts_what_the_full_one_does_in_the_costates_s
         CostateRegression(8, 3, rank=9)
 
 
+@pytest.mark.parametrize("m", [2, 40])
+def test_the_low_rank_basis_is_the_leading_eigenvectors_of_the_first_pairs(m):
+    """``B`` spans the leading eigenvectors of ``pᵀp`` (from the singular
+    vectors of ``p``, never forming the sw × sw matrix), orthonormal, and
+    completed to ``rank`` columns when fewer pairs than that came."""
+    rng = np.random.default_rng(12)
+    reg = CostateRegression(8, 3, rank=3)
+    p = rng.standard_normal((m, 8)) * np.array([9.0, 7.0, 5.0, 1, 1, 1, 1, 1])
+    reg._set_basis(p)
+    B = reg.basis
+    assert B.shape == (8, 3)
+    np.testing.assert_allclose(B.T @ B, np.eye(3), atol=1e-12)
+    expected = np.linalg.eigh(p.T @ p)[1][:, ::-1][:, :min(m, 3)]
+    np.testing.assert_allclose(B @ (B.T @ expected), expected, atol=1e-10)
+
+
 def test_a_low_rank_prediction_made_before_any_pairs_follows_the_first_refit():
     """Predicting before the basis exists caches ``Bᵀ = 0``; the first pairs
     folded in (here a refit of one class only) must replace it."""

@@ -179,9 +179,15 @@ class CostateRegression:
 
     def _set_basis(self, p):
         """``B``: the leading eigenvectors of ``pᵀ p`` for co-states ``p`` (m,
-        sw).  Every cached prediction is stale then (its ``Bᵀ`` was zero)."""
-        _, vectors = np.linalg.eigh(p.T @ p)
-        self.basis = np.ascontiguousarray(vectors[:, ::-1][:, :self.rank])
+        sw), as the leading right singular vectors of ``p`` (memory m·sw,
+        not sw²: 315 MB and a gigabyte of eigensolver at sw = 6,272),
+        completed orthonormally when fewer than ``rank`` pairs came.  Every
+        cached prediction is stale then (its ``Bᵀ`` was zero)."""
+        vectors = np.linalg.svd(p, full_matrices=False)[2][:self.rank].T
+        if vectors.shape[1] < self.rank:
+            start = np.hstack([vectors, np.eye(self.state_width, self.rank)])
+            vectors = np.linalg.qr(start)[0][:, :self.rank]
+        self.basis = np.ascontiguousarray(vectors)
         for predictor in self._predictor.values():
             predictor.stale.update(range(self.groups))
 
