@@ -135,11 +135,18 @@ class Conv:
 
     def _columns(self, x, ws, name):
         """The neighbourhoods that an ``apply`` of ``x`` (n, c_in, H, W)
-        multiplies, shape (n, c_in k k, Ho Wg), and ``Wg``: the width of the
-        grid the output comes on.  With stride 1 the k × k shifts of the
-        padded images' rows laid end to end (each tap one contiguous copy;
-        ``Wg = W + k − 1``, whose last ``k − 1`` columns are not positions),
-        else :func:`im2col` (``Wg`` the output's width)."""
+        multiplies, as blocks of rows: a list of ``(a0, a1, cols)`` where
+        ``cols`` (n, c_in (a1 − a0) k, Ho Wg) holds the taps ``(ci, a, b)``
+        with ``a0 ≤ a < a1``, and ``Wg``: the width of the grid the output
+        comes on.
+
+        With stride 1, one block per kernel row ``a``, all views of one
+        buffer: the ``k`` shifts ``b`` of the padded images laid end to end
+        (each one contiguous copy), of which row ``a``'s taps are the window
+        starting ``a`` padded rows further (so ``k`` copies make all ``k²``
+        taps; ``Wg = W + k − 1``, whose last ``k − 1`` columns are not
+        positions).  Otherwise one block, :func:`im2col` (``Wg`` the
+        output's width)."""
         n, c, H, W = x.shape
         k = self.kernel
         p = k // 2
@@ -147,18 +154,18 @@ class Conv:
         if self.stride > 1:
             padded = scratch(ws, name + self.tag + ".pad", (n, c, Hp, Wp), x.dtype)
             shape = cols_shape(x.shape, k, self.stride)
-            return im2col(x, k, out=scratch(ws, name + self.tag, shape, x.dtype), padded=padded,
-                          stride=self.stride), self.width
+            cols = im2col(x, k, out=scratch(ws, name + self.tag, shape, x.dtype), padded=padded,
+                          stride=self.stride)
+            return [(0, k, cols)], self.width
         flat = scratch(ws, name + ".pad", (n, c, Hp * Wp + k - 1), x.dtype)
         zero_padded(x, p, flat[:, :, :Hp * Wp].reshape(n, c, Hp, Wp))
         flat[:, :, Hp * Wp:] = 0
+        shifted = scratch(ws, name, (n, c, k, Hp * Wp), x.dtype)
+        for b in range(k):
+            shifted[:, :, b] = flat[:, :, b:b + Hp * Wp]
         L = H * Wp
-        cols = scratch(ws, name, (n, c, k, k, L), x.dtype)
-        for a in range(k):
-            for b in range(k):
-                off = a * Wp + b
-                cols[:, :, a, b] = flat[:, :, off:off + L]
-        return cols.reshape(n, c * k * k, L), Wp
+        return [(a, a + 1, shifted[..., a * Wp:a * Wp + L].reshape(n, c * k, L))
+                for a in range(k)], Wp
 
     def passes(self, n, itemsize):
         """Slices of ``n`` samples that an ``apply`` or a weight gradient
@@ -168,41 +175,53 @@ class Conv:
         rows = max(8, PASS_SCRATCH_BYTES // (self.scratch_per_sample() * itemsize))
         return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
-    def _products(self, x, ws, Km=None, out=None, other=None):
+    def _products(self, x, ws, Kj=None, out=None, other=None):
         """One sweep over the columns of ``x`` (n, c_in, H_in, W_in), pass by
-        pass: ``out`` (n, c, H, W) ``= Km @ columns`` where ``Km`` (c, c_in k
-        k) is given, and, where ``other`` (n, c_o, H, W) is, the sum over
+        pass: ``out`` (n, c, H, W) ``= conv(x, Kj)`` where ``Kj`` (c, c_in,
+        k, k) is given, and, where ``other`` (n, c_o, H, W) is, the sum over
         samples and positions of ``columns @ otherᵀ``, returned with shape
         (c_in k k, c_o): ``[(ci, a, b), co] = Σ x[ci, · + (a, b) − k//2]
         other[co, ·]``."""
-        total = part = None
-        for j, rows in enumerate(self.passes(x.shape[0], x.dtype.itemsize)):
-            cols, Wg = self._columns(x[rows], ws, "cols")
-            m, dt = cols.shape[0], x.dtype
-            if Km is not None:
-                grid = scratch(ws, "grid" + self.tag, (m, Km.shape[0], cols.shape[2]), dt)
-                np.matmul(Km, cols, out=grid)
-                out[rows] = grid.reshape(m, -1, self.height, Wg)[..., :self.width]
+        total = None
+        ci, k = x.shape[1], self.kernel
+        dt = x.dtype
+        for j, rows in enumerate(self.passes(x.shape[0], dt.itemsize)):
+            blocks, Wg = self._columns(x[rows], ws, "cols")
+            m, L = blocks[0][2].shape[0], blocks[0][2].shape[2]
+            if Kj is not None:
+                c = Kj.shape[0]
+                grid = scratch(ws, "grid" + self.tag, (m, c, L), dt)
+                for i, (a0, a1, cols) in enumerate(blocks):
+                    Kb = Kj[:, :, a0:a1].reshape(c, -1)
+                    if i == 0:
+                        np.matmul(Kb, cols, out=grid)
+                    else:
+                        grid += np.matmul(Kb, cols, out=scratch(ws, "grid1" + self.tag, grid.shape, dt))
+                out[rows] = grid.reshape(m, c, self.height, Wg)[..., :self.width]
             if other is not None:
                 co = other.shape[1]
                 og = scratch(ws, "ogrid" + self.tag, (m, co, self.height, Wg), dt)
                 og[..., self.width:] = 0  # on the columns' grid, zero off the positions
                 og[..., :self.width] = other[rows]
-                # columns @ otherᵀ, not other @ columnsᵀ: the contiguous operand
-                # first (measured 1.7x faster, c = 16 at 14 x 14, float32)
-                per = scratch(ws, "gper" + self.tag, (m, cols.shape[1], co), dt)
-                np.matmul(cols, og.reshape(m, co, -1).transpose(0, 2, 1), out=per)
+                ogT = og.reshape(m, co, -1).transpose(0, 2, 1)
                 if j == 0:
-                    total = np.sum(per, axis=0, out=scratch(ws, "gtot" + self.tag, per.shape[1:], dt))
-                else:
-                    total += np.sum(per, axis=0, out=scratch(ws, "gpart" + self.tag, per.shape[1:], dt))
-        return total
+                    total = scratch(ws, "gtot" + self.tag, (ci, k, k, co), dt)
+                for a0, a1, cols in blocks:
+                    # columns @ otherᵀ, not other @ columnsᵀ: the contiguous operand
+                    # first (measured 1.7x faster, c = 16 at 14 x 14, float32)
+                    per = scratch(ws, "gper" + self.tag, (m, cols.shape[1], co), dt)
+                    np.matmul(cols, ogT, out=per)
+                    block = total[:, a0:a1]
+                    if j == 0:
+                        block[...] = per.sum(axis=0).reshape(block.shape)
+                    else:
+                        block += per.sum(axis=0).reshape(block.shape)
+        return None if total is None else total.reshape(-1, total.shape[-1])
 
     def apply(self, x, Kj, out, ws=None, grad=None):
         """``conv(x, Kj)``: x (n, c_in, H_in, W_in), out (n, c, H, W);
         ``grad=(D, g)``: also ``g`` (c, c_in, k, k) ``= Σ_samples D ⋆ x``."""
-        total = self._products(x, ws, Kj.reshape(self.channels, -1), out,
-                               None if grad is None else grad[0])
+        total = self._products(x, ws, Kj, out, None if grad is None else grad[0])
         if grad is not None:
             grad[1][...] = total.T.reshape(self.kernel_shape)
         return out
@@ -216,8 +235,7 @@ class Conv:
         flipped = Kj[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         Kt = scratch(ws, "Kflip", flipped.shape, Kj.dtype)
         Kt[...] = flipped
-        total = self._products(x, ws, Kt.reshape(self.channels, -1), out,
-                               None if grad is None else grad[0])
+        total = self._products(x, ws, Kt, out, None if grad is None else grad[0])
         if grad is not None:
             k = self.kernel
             grad[1][...] = total.reshape(-1, k, k, self.in_channels)[:, ::-1, ::-1].transpose(0, 3, 1, 2)
@@ -249,7 +267,7 @@ class Conv:
         padded = c * (H + k) * (W + k)
         if self.stride > 1:
             return padded + c * k * k * self.height * self.width
-        return padded + (c * k * k + self.channels) * H * (W + k - 1)
+        return padded + (c * k * (H + k - 1) + 2 * self.channels * H) * (W + k - 1)
 
 
 def zero_padded(x, p, out):
