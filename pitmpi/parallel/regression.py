@@ -620,18 +620,25 @@ class PooledStates:
 
     def __init__(self, channels, height, width, pool):
         self.shape = (int(channels), int(height), int(width))
-        self.starts = (np.arange(0, height, pool), np.arange(0, width, pool))
-        sizes = [np.diff(np.append(s, n)) for s, n in zip(self.starts, (height, width))]
-        self.inv_counts = 1.0 / np.outer(*sizes)
-        self.width = int(channels) * self.inv_counts.size
+        # the means as one product: position (i, j) weighs 1 / (its patch's
+        # size) in its patch's column (a third of a conv pit iteration's
+        # regression time went to np.add.reduceat before)
+        rows = np.arange(height) // pool
+        cols = np.arange(width) // pool
+        patch = (rows[:, None] * -(-width // pool) + cols[None, :]).ravel()
+        counts = np.bincount(patch)
+        self.matrix = np.zeros((height * width, counts.size))
+        self.matrix[np.arange(height * width), patch] = 1.0 / counts[patch]
+        self._cast = {}
+        self.width = int(channels) * counts.size
 
     def __call__(self, x):
         """Pooled features (m, width) of states ``x`` (m, channels · height · width)."""
-        m = x.shape[0]
-        X = x.reshape((m,) + self.shape)
-        z = np.add.reduceat(np.add.reduceat(X, self.starts[0], axis=2), self.starts[1], axis=3)
-        z *= self.inv_counts.astype(z.dtype, copy=False)
-        return z.reshape(m, -1)
+        m, c = x.shape[0], self.shape[0]
+        M = self._cast.get(x.dtype)
+        if M is None:
+            M = self._cast[x.dtype] = self.matrix.astype(x.dtype)
+        return np.matmul(x.reshape(m, c, -1), M).reshape(m, -1)
 
 
 def state_map_for(net, rg):
