@@ -27,11 +27,20 @@ def eval_chunk(n, ranks):
 
 
 class BlockTrainer(Trainer):
-    """Base of ``model-parallel`` and ``pit``: partition, local block, eval."""
+    """Base of ``model-parallel`` and ``pit``: partition, local block, eval.
+
+    Parameters
+    ----------
+    comm, cfg, data, log
+        As :class:`~pitmpi.parallel.trainer.Trainer`.
+    bounds : array_like of int, shape (blocks + 1,), optional
+        The block boundaries to use instead of the partition's (a coarse
+        level of ``pit`` takes the fine blocks', coarsened).
+    """
 
     grid = 1  # boundaries on multiples of this (pit: the coarsening factor)
 
-    def __init__(self, comm, cfg, data, log=None):
+    def __init__(self, comm, cfg, data, log=None, bounds=None):
         super().__init__(comm, cfg, data, log)
         self.layout = Layout.from_config(comm, cfg)
         self.chain = self.layout.chain  # states and co-states travel along it
@@ -39,8 +48,10 @@ class BlockTrainer(Trainer):
         self.costs = layer_costs(self.net, cfg["train"]["batch_size"])
         self.boundary_cost = self.regression_cost(cfg) if B > 1 else 0.0
         self.middle_factor = self.middle_cost(cfg) if B > 2 else 0.0
-        self.bounds = partition(self.costs, B, self.grid_for(cfg), self.boundary_cost,
-                                self.middle_factor)
+        if bounds is None:
+            bounds = partition(self.costs, B, self.grid_for(cfg), self.boundary_cost,
+                               self.middle_factor, self.grid_name(cfg))
+        self.bounds = np.asarray(bounds)
         self.block = self.net.block(self.bounds[r], self.bounds[r + 1], reuse=True)
         self.prev = r - 1 if r > 0 else None
         self.next = r + 1 if r < B - 1 else None
@@ -52,6 +63,10 @@ class BlockTrainer(Trainer):
 
     def grid_for(self, cfg):
         return 1
+
+    def grid_name(self, cfg):
+        """What sets :meth:`grid_for`, for error messages (None: coarse.factor)."""
+        return None
 
     @classmethod
     def reads_features(cls, cfg, rank, size):

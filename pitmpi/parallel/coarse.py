@@ -156,12 +156,29 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
         reg.merge(comm)
     if comm.rank != 0:
         return None, None, None, None
-    # the coarse states at each boundary for the pipeline's warm-up batches
+    warm = warm_states(blocks, local, x_train, batches)
+    fine = prolong(join_blocks(local), c, co["prolongation"])
+    return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss}
+
+
+def warm_states(blocks, local, x_train, batches):
+    """The coarse states at each block boundary for the pipeline's warm-up
+    batches: for block r >= 1 the state at its left end of batch ``-r``
+    (what rank r starts from at iteration 0; None for block 0).
+
+    Parameters
+    ----------
+    blocks : list of Block
+        The coarse network's blocks.
+    local : list of dict
+        Their parameters.
+    x_train : ndarray
+    batches : BatchSchedule
+    """
     warm = [None] * len(blocks)
     for r in range(1, len(blocks)):
         inp = x_train[batches.indices(-r)]
         for blk, p in zip(blocks[:r], local[:r]):
             inp = blk.forward(p, inp, store=False).output
         warm[r] = np.ascontiguousarray(inp)
-    fine = prolong(join_blocks(local), c, co["prolongation"])
-    return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss}
+    return warm

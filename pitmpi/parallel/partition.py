@@ -126,7 +126,7 @@ def regression_cost(net, cfg, batch_size):
     return (arrival_us + predict_us + calls * REGRESSION_CALL_US) * rate / n
 
 
-def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0):
+def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0, grid_name=None):
     """Split layers into ``ranks`` contiguous blocks with boundaries on multiples
     of ``grid``, with the largest block cost as small as possible.
 
@@ -141,6 +141,9 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0):
         Blocks 1..N−2 cost ``1 + middle_factor`` times their layers
         (``pit``'s relayed co-states sweep them again for a share of the
         batches).
+    grid_name : str, optional
+        What sets ``grid``, for the error messages (default
+        ``"coarse.factor = <grid>"``).
 
     Returns
     -------
@@ -148,13 +151,15 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0):
         Boundaries ``0 = s_0 < s_1 < ... < s_N = L``; rank r owns ``[s_r, s_{r+1})``.
     """
     L = len(costs)
+    grid_name = grid_name or f"coarse.factor = {grid}"
     if L % grid:
-        raise ConfigError(f"model.layers = {L} is not a multiple of coarse.factor = {grid}")
+        raise ConfigError(f"model.layers = {L} is not a multiple of {grid_name}")
     cells = L // grid
     if cells < ranks:
         need = ranks * grid
         raise ConfigError(f"model.layers = {L} cannot be split into {ranks} blocks on the coarse "
-                          f"grid (multiples of {grid}); use at least {need} layers or fewer ranks")
+                          f"grid (multiples of {grid_name}); use at least {need} layers or "
+                          "fewer ranks")
     cell_costs = costs.reshape(cells, grid).sum(axis=1)
     # the smallest bottleneck (largest block cost) any split into `ranks` blocks
     # can have, by bisection on a greedy feasibility check; then the greedy split
