@@ -126,7 +126,10 @@ SCHEMA = {
     },
     "coarse": {
         "levels": Key("int", 2, "2: global prediction on a coarse model first; "
-                                "1: single-level (no coarse phase)", choices=(1, 2)),
+                                "1: single-level (no coarse phase); k > 2: the coarse model "
+                                "is itself trained with pit on every rank, with its own "
+                                "coarse model (k - 1 levels), block boundaries on multiples "
+                                "of factor^(k-1)", minimum=1),
         "factor": Key("int", 2, "coarsening factor c (coarse model has L / c layers)", minimum=2),
         "iterations": Key("int", 600, "SGD iterations of the coarse model (0: one epoch)", minimum=0),
         "lr": Key("float", 0.0, "coarse learning rate (0: train.lr)", minimum=0.0),

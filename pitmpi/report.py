@@ -35,8 +35,10 @@ class Run:
 
     @property
     def kind(self):
-        """Method and ranks, e.g. ``pit ×2`` or ``pit 1-level ×2``."""
-        one = " 1-level" if self.method == "pit" and self.cfg["coarse"]["levels"] == 1 else ""
+        """Method and ranks, e.g. ``pit ×2`` or ``pit 1-level ×2`` (levels
+        other than the default two named)."""
+        levels = self.cfg["coarse"]["levels"]
+        one = f" {levels}-level" if self.method == "pit" and levels != 2 else ""
         grid = f" {self.blocks}x{self.replicas}" if self.replicas > 1 else ""
         return f"{self.method}{one}{grid} ×{self.ranks}"
 

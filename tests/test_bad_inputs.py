@@ -91,6 +91,14 @@ CASES = {
     "grid for data-parallel": (["--set", "train.data_parallel_size=2", "--set",
                                 "train.method=data-parallel"],
                                "train.method = 'data-parallel' has no layer blocks"),
+    "zero levels": (["--set", "coarse.levels=0"], "coarse.levels = 0 is not allowed; expected an integer >= 1"),
+    "layers off a 3-level grid": (["--set", "coarse.levels=3", "--set", "model.layers=6"],
+                                  "model.layers = 6 is not a multiple of coarse.factor ** "
+                                  "(coarse.levels - 1) = 2 ** 2 = 4"),
+    "too many levels for the blocks": (["--set", "coarse.levels=5", "--set", "model.layers=16"],
+                                       "model.layers = 16 cannot be split into 2 blocks on the "
+                                       "coarse grid (multiples of coarse.factor ** (coarse.levels"
+                                       " - 1) = 2 ** 4 = 16)"),
     "zero replicas": (["--set", "train.data_parallel_size=0"],
                       "train.data_parallel_size = 0 is not allowed; expected an integer >= 1"),
     "label smoothing above a half": (["--set", "train.label_smoothing=0.6"],

@@ -117,3 +117,15 @@ def test_the_monitor_on_a_grid_measures_what_its_blocks_alone_do():
     grid = train(4, ["train.method=pit", "monitor.every=8", "train.data_parallel_size=2"])
     for name in ("monitor_costate_rel", "monitor_grad_cos", "monitor_grad_cos_all"):
         np.testing.assert_allclose(grid.history[name], alone.history[name], rtol=1e-8, err_msg=name)
+
+
+def test_three_levels_on_a_grid_is_refused_on_every_rank(tmp_path, capsys):
+    out = tmp_path / "g.h5"
+    codes = run_emulated(4, lambda comm: main(
+        ["train", "--quiet", "--set", "model.layers=16", "--set", "coarse.levels=3",
+         "--set", "train.data_parallel_size=2", "--out", str(out)], comm=comm))
+    assert codes == [2] * 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pitmpi: error: coarse.levels = 3 is not allowed "
+                                               "with train.data_parallel_size = 2"), err
+    assert not out.exists()

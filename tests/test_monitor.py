@@ -283,3 +283,50 @@ def test_emulated_divergence_exits_with_its_code(tmp_path, capsys):
                  "--out", str(out)]) == 3
     assert "training diverged on rank 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_three_levels_train_the_coarse_model_with_pit_on_the_same_blocks():
+    """coarse.levels = 3: the fine run starts from the prolonged controls, the
+    boundary's regression and the warm-up state of a pit run of the coarse
+    network (two levels) on the fine blocks coarsened, and the cost model
+    counts that run as its coarse phase."""
+    from pitmpi.parallel.coarse import prolong
+    from pitmpi.parallel.pit import PitTrainer
+    size, layers, iterations = 2, 16, 2 * B
+    cfg = config.load(None, QUICK + [f"model.layers={layers}", "coarse.levels=3",
+                                     f"coarse.iterations={iterations}", "train.epochs=1"])
+
+    def fine(comm):
+        t = make_trainer(comm, cfg, SWISS)
+        t.setup()
+        return t, t.gather_params()
+
+    fines = run_emulated(size, fine)
+    bounds = fines[0][0].bounds
+    assert bounds.tolist() == [0, 8, 16]  # on multiples of 2 ** 2
+    ccfg = config.load(None, QUICK + [f"model.layers={layers // 2}", "coarse.levels=2",
+                                      f"coarse.iterations={iterations}",
+                                      f"train.epochs={iterations // B}", "train.schedule=constant"])
+
+    def coarse_run(comm):  # on the fine blocks coarsened, not its own partition's
+        t = PitTrainer(comm, ccfg, SWISS, bounds=bounds // 2)
+        return t, t.run()
+
+    out = run_emulated(size, coarse_run)
+    coarse_trainers, coarse = [t for t, _ in out], out[0][1]
+    expected = prolong(coarse.params, 2)
+    for k, v in fines[0][1].items():
+        np.testing.assert_array_equal(v, expected[k], err_msg=k)
+    for a, b in zip(fines[0][0].reg.state(), coarse_trainers[0].reg.state()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    blk = coarse_trainers[0].net.block(0, int(bounds[1] // 2))
+    warm = blk.forward(coarse_trainers[0].params, SWISS.x_train[
+        coarse_trainers[0].batches.indices(-1)], store=False).output
+    np.testing.assert_array_equal(fines[1][0].warm_state, warm)
+    # the cost model's coarse phase: that run's iterations and its own coarse phase
+    _, result = trained(size, [f"model.layers={layers}", "coarse.levels=3",
+                               f"coarse.iterations={iterations}", "train.epochs=1"])
+    assert result.attrs["estimate_coarse_seconds"] == pytest.approx(
+        iterations * coarse.attrs["estimate_iteration_seconds"]
+        + coarse.attrs["estimate_coarse_seconds"], rel=1e-12)
+

@@ -225,7 +225,9 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
         ``iteration``: one pipeline iteration, set by the busiest block;
         ``exact_iteration``: one iteration on exact co-states
         (``monitor.fallback``), the blocks one after another;
-        ``coarse``: the coarse phase (on rank 0, or shared by all ranks).
+        ``coarse``: the coarse phase (on rank 0, or shared by all ranks;
+        with ``coarse.levels > 2`` the coarse model's own ``pit`` run on
+        the same blocks, its coarse phase included).
     """
     n = cfg["train"]["batch_size"]
     rows = -(-n // replicas)
@@ -241,9 +243,15 @@ def critical_path(net, cfg, bounds, coarse_iterations, boundary_cost=0.0, middle
     coarse = 0.0
     if coarse_iterations:
         co = cfg["coarse"]
-        crows = -(-n // (B * replicas)) if co["parallel"] == "data-parallel" else n
         cnet = net.with_layers(net.layers // co["factor"])
-        coarse = coarse_iterations * layer_costs(cnet, crows).sum() * crows / rate
+        if co["levels"] > 2:  # the coarse model's own pit run, on the same blocks
+            inner = critical_path(cnet, {**cfg, "coarse": {**co, "levels": co["levels"] - 1}},
+                                  np.asarray(bounds) // co["factor"], coarse_iterations,
+                                  boundary_cost, middle_factor, replicas)
+            coarse = coarse_iterations * inner["iteration"] + inner["coarse"]
+        else:
+            crows = -(-n // (B * replicas)) if co["parallel"] == "data-parallel" else n
+            coarse = coarse_iterations * layer_costs(cnet, crows).sum() * crows / rate
     return {"serial_iteration": layer_costs(net, n).sum() * n / rate,
             "iteration": max(blocks) / rate, "exact_iteration": sweep / rate, "coarse": coarse}
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .blocks import BlockTrainer
-from .coarse import coarse_phase
+from .coarse import check_coarse_loss, coarse_phase, prolong, warm_states
 from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
@@ -42,13 +42,35 @@ from .regression import CostateRegression, prediction_errors, state_map_for
 def two_level(cfg, size):
     """Whether a ``pit`` job of ``size`` ranks has the coarse phase (it has
     more than one layer block)."""
-    return cfg["coarse"]["levels"] == 2 and size // cfg["train"]["data_parallel_size"] > 1
+    return cfg["coarse"]["levels"] >= 2 and size // cfg["train"]["data_parallel_size"] > 1
+
+
+def multilevel(cfg, size):
+    """Whether the coarse model is itself trained with ``pit`` on every rank
+    (``coarse.levels > 2``)."""
+    return two_level(cfg, size) and cfg["coarse"]["levels"] > 2
 
 
 def shared_coarse(cfg, size):
     """Whether every rank trains the coarse model (``coarse.parallel =
-    "data-parallel"``), not rank 0 alone."""
-    return two_level(cfg, size) and cfg["coarse"]["parallel"] == "data-parallel"
+    "data-parallel"``, or with ``pit`` at more than two levels), not rank 0
+    alone."""
+    return two_level(cfg, size) and (cfg["coarse"]["parallel"] == "data-parallel"
+                                     or cfg["coarse"]["levels"] > 2)
+
+
+def coarse_config(cfg, iterations, per_epoch):
+    """The configuration of the coarse model's own ``pit`` run (``coarse.levels
+    > 2``): ``L / c`` layers and one level less, ``iterations`` steps at the
+    coarse phase's constant learning rate, no monitor."""
+    co, tr = cfg["coarse"], cfg["train"]
+    inner = {section: dict(values) for section, values in cfg.items()}
+    inner["model"]["layers"] = cfg["model"]["layers"] // co["factor"]
+    inner["coarse"]["levels"] = co["levels"] - 1
+    inner["train"].update(lr=co["lr"] or tr["lr"], schedule="constant", lr_warmup=0.0,
+                          epochs=-(-iterations // per_epoch))
+    inner["monitor"].update(every=0, fallback=0.0)
+    return inner
 
 
 MEMORY = 0.9  # weight of the past in the running means of regression.clip and .damping
@@ -72,9 +94,14 @@ LEDGER_FIELDS = ("ledger_x_in", "ledger_x_out", "ledger_y", "ledger_lam_hat")
 class PitTrainer(BlockTrainer):
     method = "pit"
 
-    def __init__(self, comm, cfg, data, log=None):
+    def __init__(self, comm, cfg, data, log=None, bounds=None):
         self.two_level = two_level(cfg, comm.size)
-        super().__init__(comm, cfg, data, log)
+        if multilevel(cfg, comm.size) and cfg["train"]["data_parallel_size"] > 1:
+            raise ConfigError(f"coarse.levels = {cfg['coarse']['levels']} is not allowed with "
+                              f"train.data_parallel_size = {cfg['train']['data_parallel_size']}: "
+                              "the coarse model's pit run takes one rank per block (set "
+                              "coarse.levels = 2 or train.data_parallel_size = 1)")
+        super().__init__(comm, cfg, data, log, bounds)
         self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
         sw, bs, dt = self.net.state_width, self.n_rows, self.net.dtype  # this replica's rows
         self.x_in = np.zeros((bs, sw), dtype=dt)
@@ -152,7 +179,14 @@ class PitTrainer(BlockTrainer):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
 
     def grid_for(self, cfg):
-        return cfg["coarse"]["factor"] if self.two_level else 1
+        return cfg["coarse"]["factor"] ** (cfg["coarse"]["levels"] - 1) if self.two_level else 1
+
+    def grid_name(self, cfg):
+        co = cfg["coarse"]
+        if not self.two_level or co["levels"] == 2:
+            return None
+        return (f"coarse.factor ** (coarse.levels - 1) = {co['factor']} ** {co['levels'] - 1} "
+                f"= {self.grid_for(cfg)}")
 
     def setup(self):
         comm, lay = self.comm, self.layout
@@ -168,15 +202,20 @@ class PitTrainer(BlockTrainer):
         payload = None
         t = time.perf_counter()
         shared = shared_coarse(self.cfg, comm.size)
+        deeper = multilevel(self.cfg, comm.size)
         self.log.info("global prediction: coarse model of %d layers, %s",
                       self.net.layers // self.cfg["coarse"]["factor"],
+                      f"pit on {comm.size} ranks" if deeper else
                       f"data-parallel on {comm.size} ranks" if shared else "on rank 0")
-        if shared or comm.rank == 0:
+        if deeper:
+            fine, reg_states, warm, info = self.coarse_pit()
+        elif shared or comm.rank == 0:
             fine, reg_states, warm, info = coarse_phase(
                 comm if shared else LoneComm(), self.net, self.cfg, self.batches, self.x_train,
                 self.y_train, self.bounds, self.log)
         if comm.rank == 0:
-            self.log.info("global prediction done in %.2f s (%d iterations, loss %.4f)",
+            self.log.info("global prediction done: coarse model of %d layers in %.2f s (%d "
+                          "iterations, loss %.4f)", self.net.layers // self.cfg["coarse"]["factor"],
                           time.perf_counter() - t, info["iterations"], info["final_loss"])
             payload = []
             for q in range(comm.size):  # every rank: its block's share, its replica's rows
@@ -194,6 +233,43 @@ class PitTrainer(BlockTrainer):
         self.use_local_params(params)
         if reg_state is not None:
             self.reg.load_state(reg_state)
+
+    def coarse_pit(self):
+        """``coarse.levels > 2``: train the coarse model with ``pit`` on every
+        rank, its blocks the fine ones coarsened (with its own coarse phase,
+        one level less), for ``coarse.iterations`` iterations at the coarse
+        phase's learning rate.  Collective; returns what
+        :func:`~pitmpi.parallel.coarse.coarse_phase` returns, complete on
+        rank 0: the prolonged controls, each boundary's regression (fitted
+        on the coarse model's states and co-states there) and the warm-up
+        states."""
+        comm, co = self.comm, self.cfg["coarse"]
+        B = self.batches.per_epoch
+        iterations = co["iterations"] or B
+        inner = PitTrainer(comm, coarse_config(self.cfg, iterations, B), self.data, self.log,
+                           bounds=self.bounds // co["factor"])
+        inner.setup()
+        inner.loss_parts = np.zeros(iterations)
+        total = np.zeros(1)
+        for k in range(iterations):
+            inner.loss_parts[k], _, _ = inner.step(k, k // B)
+            total[0] = inner.loss_parts[k]
+            comm.allreduce_sum(total)
+            check_coarse_loss(float(total[0]), k, iterations, inner.lr(k, k // B), co,
+                              self.cfg["train"]["max_loss"])
+            if (k + 1) % max(iterations // 4, 1) == 0:
+                self.log.info("  coarse iteration %d/%d: batch loss %.4f", k + 1, iterations,
+                              total[0])
+        inner.drain()
+        full = inner.gather_params()
+        regs = comm.gather(inner.reg.state() if inner.reg is not None else None)
+        if comm.rank != 0:
+            return None, None, None, None
+        blocks = [inner.net.block(a, b) for a, b in zip(inner.bounds[:-1], inner.bounds[1:])]
+        warm = warm_states(blocks, [blk.local_params(full) for blk in blocks], self.x_train,
+                           self.batches)
+        fine = prolong(full, co["factor"], co["prolongation"])
+        return fine, regs[:-1], warm, {"iterations": iterations, "final_loss": float(total[0])}
 
     def active(self, rank, k):
         """Whether ``rank`` computes at iteration ``k`` (False only while waiting)."""
