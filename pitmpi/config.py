@@ -182,6 +182,11 @@ SCHEMA = {
                               "boundary state's positions instead of the whole state (the "
                               "co-states are still predicted whole); 0: the whole state",
                     minimum=0),
+        "output_errors": Key("bool", False, "pit: add to the regression's features each "
+                                            "sample's output error softmax(S) - q from its "
+                                            "last pass through the network (the coarse "
+                                            "model's, then the last epoch's; c numbers a "
+                                            "sample, shared once an epoch)"),
         "refit_every": Key("int", 1, "refit the regression after every k-th arriving co-state "
                                      "(per-class: the classes' refits spread over those k "
                                      "arrivals; pairs are always added)", minimum=1),

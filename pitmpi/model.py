@@ -15,7 +15,8 @@ block's *local* parameters hold only its own layers: ``K[a:b]``, ``b[a:b]``.
 import numpy as np
 
 from .kernels import (ACTIVATIONS, SCHEMES, Activation, Conv, Dense, Workspace,
-                      classifier_loss_and_grad, opening_backward, opening_forward, scores)
+                      classifier_loss_and_grad, cross_entropy, opening_backward, opening_forward,
+                      output_errors, scores)
 from .kernels.workspace import scratch
 from .optim import SGD
 
@@ -333,6 +334,13 @@ class Block:
     def scores(self, params, ctx):
         """Class scores (n, c) from a forward pass of the last block."""
         return scores(params["cls.W"], params["cls.b"], self.net.classifier_input(ctx.output))
+
+    def output_errors(self, params, ctx, y):
+        """Each sample's loss gradient at its scores, ``softmax(S) − q`` (the
+        label-smoothed targets ``q``), shape (n, c), from a forward pass of
+        the last block: what sets the size and direction of its co-states."""
+        _, P = cross_entropy(self.scores(params, ctx), y)
+        return output_errors(P, y, self.net.label_smoothing)
 
     def backward(self, params, ctx, lam_out=None, y=None, n_norm=None):
         """Adjoint sweep through the block.

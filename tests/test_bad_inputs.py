@@ -91,6 +91,8 @@ CASES = {
     "grid for data-parallel": (["--set", "train.data_parallel_size=2", "--set",
                                 "train.method=data-parallel"],
                                "train.method = 'data-parallel' has no layer blocks"),
+    "output errors not a boolean": (["--set", "regression.output_errors=maybe"],
+                                    "regression.output_errors = 'maybe' is not allowed; expected true or false"),
     "zero levels": (["--set", "coarse.levels=0"], "coarse.levels = 0 is not allowed; expected an integer >= 1"),
     "layers off a 3-level grid": (["--set", "coarse.levels=3", "--set", "model.layers=6"],
                                   "model.layers = 6 is not a multiple of coarse.factor ** "

@@ -49,7 +49,9 @@ CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
          # checkpoints taken while on exact co-states (monitor.fallback) and after a refill
          (3, "pit", ["--set", "monitor.every=3", "--set", "monitor.fallback=1e-12"]),
          (3, "pit", ["--set", "monitor.every=3", "--set", "monitor.fallback=0.3",
-                     "--set", "regression.target=relayed"])]
+                     "--set", "regression.target=relayed"]),
+         # the output errors every block but the last keeps across epochs
+         (3, "pit", ["--set", "regression.output_errors=true"])]
 
 
 @pytest.mark.parametrize("size,method,extra", CASES)

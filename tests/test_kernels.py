@@ -253,3 +253,25 @@ def test_label_smoothing_is_the_cross_entropy_of_the_smoothed_target():
     logp = S - np.log(np.exp(S).sum(axis=1, keepdims=True))
     q = 0.8 * np.eye(3)[y] + 0.2 / 3
     assert loss == pytest.approx(-(q * logp).sum() / 6, rel=1e-12)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_output_errors_are_the_loss_gradient_at_the_scores(smoothing):
+    """softmax(S) − q, each row the gradient of its sample's loss at its
+    scores (central differences of the label-smoothed cross-entropy)."""
+    from pitmpi.kernels import classifier_loss_and_grad, cross_entropy, output_errors
+    rng = np.random.default_rng(3)
+    S, y = rng.standard_normal((5, 4)), np.array([0, 3, 1, 1, 2])
+    e = output_errors(cross_entropy(S, y)[1], y, smoothing)
+    eye = np.eye(4)  # scores as the classifier's of the state I with W = I, mu = 0
+
+    def loss(S):
+        return classifier_loss_and_grad(eye, np.zeros(4), S, y, 1, smoothing)[0]
+
+    fd = np.zeros_like(S)
+    for i in range(5):
+        for j in range(4):
+            d = np.zeros_like(S)
+            d[i, j] = 1e-6
+            fd[i, j] = (loss(S + d) - loss(S - d)) / 2e-6
+    np.testing.assert_allclose(e, fd, atol=1e-8)

@@ -330,3 +330,49 @@ def test_three_levels_train_the_coarse_model_with_pit_on_the_same_blocks():
         iterations * coarse.attrs["estimate_iteration_seconds"]
         + coarse.attrs["estimate_coarse_seconds"], rel=1e-12)
 
+
+
+def test_output_errors_start_from_the_coarse_model_and_follow_the_last_block():
+    """regression.output_errors: every block but the last holds each training
+    sample's output error, first under the coarse model, then, after each
+    epoch, the one the last block computed for the samples it trained on;
+    the regression (and the monitor's prediction) reads [state, error]."""
+    from pitmpi.kernels import cross_entropy, output_errors
+    size = 3
+    common = ["train.lr=1e-300", "train.momentum=0", "regression.output_errors=true"]
+    cfg = config.load(None, QUICK + common + ["train.epochs=1"])
+    started = run_emulated(size, lambda comm: (lambda t: (t.setup(), t)[1])(
+        make_trainer(comm, cfg, SWISS)))
+    trainers, result = trained(size, common + ["train.epochs=1", f"monitor.every={B}"])
+    net, params = trainers[0].net, result.params
+    # the controls do not move: the coarse ones are the fine ones at every other layer
+    coarse_net = net.with_layers(net.layers // 2)
+    coarse = {k: (v[::2] if k in ("K", "b") else v) for k, v in params.items()}
+    whole = coarse_net.block(0, coarse_net.layers)
+    ctx = whole.forward(coarse, SWISS.x_train, store=False)
+    e_coarse = output_errors(cross_entropy(whole.scores(coarse, ctx), SWISS.y_train)[1],
+                             SWISS.y_train)
+    for t in started[:-1]:
+        np.testing.assert_allclose(t.errors, e_coarse, rtol=1e-10, atol=1e-12)
+    assert started[-1].errors is None
+    # after the epoch: the fine net's errors for the batches the last block took
+    fine_block = net.block(0, net.layers)
+    ctx = fine_block.forward(params, SWISS.x_train, store=False)
+    e_fine = output_errors(cross_entropy(fine_block.scores(params, ctx), SWISS.y_train)[1],
+                           SWISS.y_train)
+    seen = np.concatenate([trainers[0].batches.indices(g) for g in range(B - size + 1)])
+    # (the warm-up batches -N+1..-1 reached the last block from coarse states)
+    warm = np.concatenate([trainers[0].batches.indices(g) for g in range(1 - size, 0)])
+    unseen = np.setdiff1d(np.arange(len(SWISS.y_train)), np.concatenate([seen, warm]))
+    assert len(unseen) > 0
+    for t in trainers[:-1]:
+        np.testing.assert_allclose(t.errors[seen], e_fine[seen], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(t.errors[unseen], e_coarse[unseen], rtol=1e-10, atol=1e-12)
+        assert t.reg.in_width == net.state_width + net.n_classes
+    states, lams, _, y = exact_chain(trainers, B - 1)
+    rows = trainers[0].batches.indices(B - 1)
+    for r in range(size - 1):  # measured before the epoch's end: the coarse model's errors
+        x = np.hstack([states[r], e_coarse[rows]])
+        lam_hat = trainers[r].reg.predict(x, y)
+        rel = np.linalg.norm(lam_hat - lams[r]) / np.linalg.norm(lams[r])
+        np.testing.assert_allclose(result.history["monitor_costate_rel"][0, r], rel, rtol=1e-10)

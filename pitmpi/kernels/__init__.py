@@ -9,7 +9,7 @@ the layers' linear map, :class:`Dense` or :class:`Conv`).
 from . import euler, verlet
 from .activations import ACTIVATIONS, Activation
 from .layers import (classifier_loss_and_grad, cross_entropy, opening_backward,
-                     opening_forward, score_stats, scores)
+                     opening_forward, output_errors, score_stats, scores)
 from .operators import Conv, Dense
 from .workspace import Workspace
 
@@ -32,4 +32,5 @@ SCHEMES = {
 }
 
 __all__ = ["SCHEMES", "ACTIVATIONS", "Activation", "Conv", "Dense", "Workspace", "classifier_loss_and_grad",
-           "cross_entropy", "opening_backward", "opening_forward", "score_stats", "scores"]
+           "cross_entropy", "opening_backward", "opening_forward", "output_errors", "score_stats",
+           "scores"]

@@ -86,6 +86,31 @@ def score_stats(S, y):
     return float(losses.sum()), int(np.count_nonzero(S.argmax(axis=1) == y))
 
 
+def output_errors(P, y, smoothing=0.0):
+    """The loss gradient at the scores of each sample, ``softmax(S) − q``
+    with the targets ``q = (1 − ε) onehot(y) + ε / c``, in place on ``P``.
+
+    Parameters
+    ----------
+    P : ndarray, shape (n, c)
+        ``softmax(S)`` (overwritten).
+    y : ndarray of int, shape (n,)
+    smoothing : float
+        Label smoothing ``ε``.
+
+    Returns
+    -------
+    ndarray, shape (n, c)
+        ``P``.
+    """
+    if smoothing:
+        P[np.arange(len(y)), y] -= 1.0 - smoothing
+        P -= smoothing / P.shape[1]
+    else:
+        P[np.arange(len(y)), y] -= 1.0
+    return P
+
+
 def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
     """Loss and gradients of the classifier for the last state ``Y``.
 
@@ -118,12 +143,8 @@ def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
     losses, G = cross_entropy(S, y)
     correct = int(np.count_nonzero(S.argmax(axis=1) == y))
     if smoothing:
-        c = S.shape[1]
         # −q·S = −(1 − ε) S_y − (ε / c) Σ_j S_j, and logsumexp − S_y is in losses already
         losses = losses + smoothing * (S[np.arange(len(y)), y] - S.mean(axis=1))
-        G[np.arange(len(y)), y] -= 1.0 - smoothing
-        G -= smoothing / c
-    else:
-        G[np.arange(len(y)), y] -= 1.0
+    output_errors(G, y, smoothing)
     G /= n_norm
     return float(losses.sum() / n_norm), correct, G.T @ Y, G.sum(axis=0), G @ W

@@ -110,7 +110,8 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
         For rank r >= 1, the coarse state at ``s_r`` of batch ``-r`` (what rank
         r starts from at iteration 0); None for rank 0.
     info : dict
-        ``iterations``, ``final_loss``.
+        ``iterations``, ``final_loss``, ``coarse_params`` (the coarse
+        model's full parameters).
     """
     co, tr, rg = cfg["coarse"], cfg["train"], cfg["regression"]
     c = co["factor"]
@@ -139,9 +140,12 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
             inp = ctxs[-1].output
         lam = None
         grads = [None] * len(blocks)
+        errors = (blocks[-1].output_errors(local[-1], ctxs[-1], y) if rg["output_errors"]
+                  else None)
         for i in range(len(blocks) - 1, -1, -1):
             if i < len(blocks) - 1:
-                regs[i].add(ctxs[i].output, y, lam, refit=False, n=n)
+                x = ctxs[i].output if errors is None else np.hstack([ctxs[i].output, errors])
+                regs[i].add(x, y, lam, refit=False, n=n)
             lam, grads[i], (part, _) = blocks[i].backward(local[i], ctxs[i], lam_out=lam,
                                                           y=y, n_norm=n)
             if blocks[i].last:
@@ -157,8 +161,38 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     if comm.rank != 0:
         return None, None, None, None
     warm = warm_states(blocks, local, x_train, batches)
-    fine = prolong(join_blocks(local), c, co["prolongation"])
-    return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss}
+    coarse = join_blocks(local)
+    fine = prolong(coarse, c, co["prolongation"])
+    return fine, [reg.state() for reg in regs], warm, {"iterations": iterations, "final_loss": loss,
+                                                       "coarse_params": coarse}
+
+
+def coarse_output_errors(cnet, params, x_train, y_train, chunk=4096):
+    """Every training sample's output error ``softmax(S) − q`` under the
+    coarse model (``regression.output_errors`` starts from them).
+
+    Parameters
+    ----------
+    cnet : ResNet
+        The coarse network.
+    params : dict
+        Its full parameters.
+    x_train : ndarray, shape (n, ...)
+    y_train : ndarray of int, shape (n,)
+    chunk : int
+        Samples per forward pass.
+
+    Returns
+    -------
+    ndarray, shape (n, classes)
+    """
+    whole = cnet.block(0, cnet.layers)
+    errors = np.empty((len(y_train), cnet.n_classes), dtype=cnet.dtype)
+    for i in range(0, len(y_train), chunk):
+        y = y_train[i:i + chunk]
+        ctx = whole.forward(params, x_train[i:i + chunk], store=False)
+        errors[i:i + chunk] = whole.output_errors(params, ctx, y)
+    return errors
 
 
 def warm_states(blocks, local, x_train, batches):

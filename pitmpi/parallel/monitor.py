@@ -60,7 +60,8 @@ class CostateMonitor:
 
         def at_boundary(ctx, lam):
             # what pit trains with
-            lam_hat = t.bounded(t.reg.predict(ctx.output, y, n=t.batches.batch_size))
+            x = t.regression_input(ctx.output, g)
+            lam_hat = t.bounded(t.reg.predict(x, y, n=t.batches.batch_size))
             if grid:
                 diff = lam_hat - lam
                 self.squares = np.array([np.vdot(diff, diff), np.vdot(lam, lam)], dtype=np.float64)

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from .blocks import BlockTrainer
-from .coarse import check_coarse_loss, coarse_phase, prolong, warm_states
+from .coarse import (check_coarse_loss, coarse_output_errors, coarse_phase, prolong,
+                     warm_states)
 from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
@@ -107,7 +108,7 @@ class PitTrainer(BlockTrainer):
         self.x_in = np.zeros((bs, sw), dtype=dt)
         self.lam_right = np.zeros((bs, sw), dtype=dt)
         self.zeros = np.zeros((bs, sw), dtype=dt)
-        self.sent = None  # (x_out, y, Λ̂) of the previous iteration
+        self.sent = None  # (regression input of x_out, y, Λ̂) of the previous iteration
         rg = cfg["regression"]
         if rg["rank"] > sw:
             raise ConfigError(f"regression.rank = {rg['rank']} is not allowed: at most the "
@@ -148,7 +149,8 @@ class PitTrainer(BlockTrainer):
             # co-state messages carry [the block's own co-state, the relayed exact one]
             self.lam_right = np.zeros((2, bs, sw), dtype=dt)
             self.lam_pack = np.zeros((2, bs, sw), dtype=dt)
-            self.ledger = {}  # batch id -> (input state or None, x_out, y, Λ̂) of batches kept
+            # batch id -> (input state or None, regression input of x_out, y, Λ̂) of batches kept
+            self.ledger = {}
             a, b = self.layer_range()
             middle = self.prev is not None and self.next is not None
             self.relay_block = self.net.block(a, b, reuse=True) if middle else None
@@ -166,6 +168,14 @@ class PitTrainer(BlockTrainer):
                               "(set regression.delay = 0)")
         self.exact_mode, self.exact_since = False, 0
         self.exact = np.zeros(n_iter, dtype=bool)  # iterations trained on exact co-states
+        # regression.output_errors: each sample's output error from its last pass
+        self.errors = self.errors_seen = None
+        if rg["output_errors"] and self.layout.blocks > 1:
+            n_train, c = len(self.y_train), self.net.n_classes
+            if self.next is not None:  # what the regression reads, (n_train, c)
+                self.errors = np.zeros((n_train, c), dtype=dt)
+            # the last block's of this epoch and a count per sample, summed over the ranks
+            self.errors_seen = np.zeros((n_train, c + 1))
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
@@ -226,8 +236,16 @@ class PitTrainer(BlockTrainer):
                     warm_rows = warm_rows[lay.rows(self.batches.batch_size, i)]
                 payload.append((blk.local_params(fine),
                                 reg_states[r] if r < lay.blocks - 1 else None, warm_rows))
+        if comm.rank == 0 and self.errors_seen is not None:
+            errors = coarse_output_errors(self.net.with_layers(self.net.layers // self.cfg[
+                "coarse"]["factor"]), info["coarse_params"], self.x_train, self.y_train)
+            payload = [part + (errors,) for part in payload]
+        elif comm.rank == 0:
+            payload = [part + (None,) for part in payload]
         waited = comm.wait_seconds
-        params, reg_state, self.warm_state = comm.scatter(payload)
+        params, reg_state, self.warm_state, errors = comm.scatter(payload)
+        if self.errors is not None:
+            np.copyto(self.errors, errors)
         if shared or comm.rank == 0:  # the others' time here is waiting for rank 0
             self.seconds["coarse"] = time.perf_counter() - t - waited
         self.use_local_params(params)
@@ -269,7 +287,8 @@ class PitTrainer(BlockTrainer):
         warm = warm_states(blocks, [blk.local_params(full) for blk in blocks], self.x_train,
                            self.batches)
         fine = prolong(full, co["factor"], co["prolongation"])
-        return fine, regs[:-1], warm, {"iterations": iterations, "final_loss": float(total[0])}
+        return fine, regs[:-1], warm, {"iterations": iterations, "final_loss": float(total[0]),
+                                       "coarse_params": full}
 
     def active(self, rank, k):
         """Whether ``rank`` computes at iteration ``k`` (False only while waiting)."""
@@ -283,7 +302,7 @@ class PitTrainer(BlockTrainer):
         needs_labels = blk.last or (self.reg is not None and self.reg.use_labels)
         y = self.labels(g) if needs_labels else None
         loss, correct, count = 0.0, 0, 0
-        x_out = lam_in = lam_hat = None
+        x_out = x_reg = lam_in = lam_hat = None
         if self.active(r, k):
             if blk.first:
                 inp = self.features(g)
@@ -296,12 +315,15 @@ class PitTrainer(BlockTrainer):
             self.check_finite("state at its right boundary", x_out, k, epoch)
             kept_input = None if blk.first or not self.relay else np.array(inp)
             if blk.last:
+                if self.errors_seen is not None:
+                    self.record_errors(g, blk.output_errors(self.params, ctx, y))
                 lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y,
                                                               n_norm=self.batches.batch_size)
                 count = len(y)
             else:
                 t = time.perf_counter()
-                lam_hat = self.bounded(self.reg.predict(x_out, y, n=self.batches.batch_size))
+                x_reg = self.regression_input(x_out, g)
+                lam_hat = self.bounded(self.reg.predict(x_reg, y, n=self.batches.batch_size))
                 self.seconds["regression"] += time.perf_counter() - t
                 lam_in, grads, _ = blk.backward(self.params, ctx, lam_out=lam_hat)
             if lam_in is not None:
@@ -311,7 +333,7 @@ class PitTrainer(BlockTrainer):
         lam_send = lam_in if lam_in is not None else self.zeros
         if self.relay:
             if x_out is not None and self.next is not None:
-                self.ledger[g] = (kept_input, x_out, y, lam_hat)
+                self.ledger[g] = (kept_input, x_reg, y, lam_hat)
             if self.prev is not None:
                 lam_send = self.pack_relayed(k, lam_send)
         if self.delay:
@@ -323,8 +345,37 @@ class PitTrainer(BlockTrainer):
             elif self.next is not None and self.sent is not None and self.active(r + 1, k):
                 self.learn(k, *self.sent, self.lam_right)
         if self.next is not None:
-            self.sent = (x_out, y, lam_hat) if x_out is not None else None
+            self.sent = (x_reg, y, lam_hat) if x_out is not None else None
         return loss, correct, count
+
+    # regression.output_errors ----------------------------------------------
+    def regression_input(self, x, g):
+        """What the regression reads for the states ``x`` (rows, sw) of batch
+        ``g`` at this block's right end: ``x``, or with
+        ``regression.output_errors`` ``[x, e]`` (rows, sw + c), ``e`` each
+        sample's output error from its last pass (see
+        :class:`~pitmpi.parallel.regression.WithOutputErrors`)."""
+        if self.errors is None:
+            return x
+        return np.hstack([x, self.errors[self.batch_rows(g)]])
+
+    def record_errors(self, g, e):
+        """The last block: batch ``g``'s output errors ``e`` (rows, c), kept
+        until the epoch's end."""
+        rows = self.batch_rows(g)
+        self.errors_seen[rows, :-1] = e
+        self.errors_seen[rows, -1] = 1.0
+
+    def share_errors(self):
+        """Collective, at an epoch's end: every block but the last takes the
+        output errors the last block recorded this epoch."""
+        if self.errors_seen is None:
+            return
+        self.comm.allreduce_sum(self.errors_seen)
+        if self.errors is not None:
+            seen = self.errors_seen[:, -1] > 0
+            self.errors[seen] = self.errors_seen[seen, :-1] / self.errors_seen[seen, -1:]
+        self.errors_seen[...] = 0.0
 
     def exchange(self, g, x_send, lam_send):
         """The iteration's messages, one ``Sendrecv`` per neighbour: ``x_out``
@@ -519,7 +570,7 @@ class PitTrainer(BlockTrainer):
         y = self.labels(k)
 
         def at_boundary(ctx, lam):  # the pair learnt; its error goes to self.rel[k]
-            x = ctx.output
+            x = self.regression_input(ctx.output, k)
             self.learn(k, x, y, self.bounded(self.reg.predict(x, y, n=self.batches.batch_size)),
                        lam)
 
@@ -552,6 +603,7 @@ class PitTrainer(BlockTrainer):
 
     def record_epoch(self, *args):
         self.drain()
+        self.share_errors()
         super().record_epoch(*args)
 
     def result_extra(self):
@@ -595,6 +647,8 @@ class PitTrainer(BlockTrainer):
             state["pred_error"] = np.float64(self.pred_error)
         if self.exact_mode:
             state["exact_since"] = np.int64(self.exact_since)
+        if self.errors is not None:
+            state["output_errors"] = self.errors.copy()
         if self.relay:
             state["relay_in"] = self.lam_right[1].copy()
             ids = sorted(self.ledger)
@@ -657,6 +711,8 @@ class PitTrainer(BlockTrainer):
                 self.exact_since = int(st.get("exact_since", 0))
                 if "fallback_exact" in ckpt.history:
                     self.exact[:k0] = ckpt.history["fallback_exact"][:k0]
+            if self.errors is not None and "output_errors" in st:
+                np.copyto(self.errors, st["output_errors"])
             if self.relay and "relay_in" in st:
                 self.lam_right[1] = st["relay_in"]
                 for j, b in enumerate(st.get("ledger_ids", ())):
@@ -673,6 +729,9 @@ class PitTrainer(BlockTrainer):
                     arr[:k0] = ckpt.history[name][:k0, r]
         else:
             self.pipeline_start, self.warmup = k0, "wait"
+            kept = ckpt.rank_state(0).get("output_errors")  # every block but the last held them
+            if self.errors is not None and kept is not None:
+                np.copyto(self.errors, kept)
             self.log.info("pit resumed from %s (%s on %d ranks) on %d ranks: parameters and "
                           "optimizer carried over; the pipeline refills, rank r waiting r "
                           "iterations", ckpt.path, ckpt.method, ckpt.ranks, self.comm.size)

@@ -641,14 +641,51 @@ class PooledStates:
         return np.matmul(x.reshape(m, c, -1), M).reshape(m, -1)
 
 
+class WithOutputErrors:
+    """The input part of ``φ`` with ``regression.output_errors``: the rows
+    given are ``[x, e]``, a boundary state and the sample's output error
+    ``e = softmax(S) − q`` from its last pass through the network (``c``
+    numbers), and ``φ`` reads ``[m(x), e]``.  The co-state of a sample is
+    about ``Jᵀ e`` (``J`` the Jacobian of its scores at the boundary), so
+    ``e`` carries its size and direction, which a linear map of the state
+    cannot see (how confident the layers downstream are about the sample).
+
+    Parameters
+    ----------
+    state_width, n_classes : int
+    inner : PooledStates, optional
+        ``m``; None: the state itself.
+
+    Attributes
+    ----------
+    width : int
+        ``m``'s width plus ``n_classes``.
+    """
+
+    def __init__(self, state_width, n_classes, inner=None):
+        self.state_width, self.inner = int(state_width), inner
+        self.width = (self.state_width if inner is None else inner.width) + int(n_classes)
+
+    def __call__(self, rows):
+        """``[m(x), e]`` (m, width) of rows ``[x, e]`` (m, state_width + c)."""
+        if self.inner is None:
+            return rows
+        sw = self.state_width
+        return np.hstack([self.inner(np.ascontiguousarray(rows[:, :sw])), rows[:, sw:]])
+
+
 def state_map_for(net, rg):
-    """The state part of ``φ`` that ``regression.pool`` asks for, for the
-    states at a boundary of ``net`` (None: the state itself)."""
-    if not rg["pool"]:
-        return None
-    op = net.op
-    channels = op.sample_shape[0] * net.state_width // op.size  # Verlet: Y's and Z's
-    return PooledStates(channels, op.sample_shape[1], op.sample_shape[2], rg["pool"])
+    """The input part of ``φ`` that ``regression.pool`` and
+    ``regression.output_errors`` ask for, for the states at a boundary of
+    ``net`` (None: the state itself)."""
+    inner = None
+    if rg["pool"]:
+        op = net.op
+        channels = op.sample_shape[0] * net.state_width // op.size  # Verlet: Y's and Z's
+        inner = PooledStates(channels, op.sample_shape[1], op.sample_shape[2], rg["pool"])
+    if rg["output_errors"]:
+        return WithOutputErrors(net.state_width, net.n_classes, inner)
+    return inner
 
 
 def prediction_errors(lam_hat, lam):

@@ -59,7 +59,8 @@ def test_exact_methods_match_serial(method, scheme):
                                         ["regression.delay=1"],
                                         ["regression.delay=2", "coarse.warmup=wait"],
                                         ["regression.target=relayed", "monitor.every=3",
-                                         "monitor.fallback=0.3"], ["coarse.levels=3"]])
+                                         "monitor.fallback=0.3"], ["coarse.levels=3"],
+                                        ["regression.output_errors=true"]])
 def test_pit_emulated_equals_mpi_bitwise(overrides):
     res = train_mpi(["train.method=pit"] + overrides)
     comm = world()
