@@ -167,7 +167,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
                                                        "coarse_params": coarse}
 
 
-def coarse_output_errors(cnet, params, x_train, y_train, chunk=4096):
+def coarse_output_errors(cnet, params, x_train, y_train, chunk=256):
     """Every training sample's output error ``softmax(S) − q`` under the
     coarse model (``regression.output_errors`` starts from them).
 
