@@ -236,12 +236,13 @@ class PitTrainer(BlockTrainer):
                     warm_rows = warm_rows[lay.rows(self.batches.batch_size, i)]
                 payload.append((blk.local_params(fine),
                                 reg_states[r] if r < lay.blocks - 1 else None, warm_rows))
-        if comm.rank == 0 and self.errors_seen is not None:
-            errors = coarse_output_errors(self.net.with_layers(self.net.layers // self.cfg[
-                "coarse"]["factor"]), info["coarse_params"], self.x_train, self.y_train)
+        if comm.rank == 0:  # regression.output_errors: every sample's under the coarse model
+            errors = None
+            if self.errors_seen is not None:
+                cnet = self.net.with_layers(self.net.layers // self.cfg["coarse"]["factor"])
+                errors = coarse_output_errors(cnet, info["coarse_params"], self.x_train,
+                                              self.y_train)
             payload = [part + (errors,) for part in payload]
-        elif comm.rank == 0:
-            payload = [part + (None,) for part in payload]
         waited = comm.wait_seconds
         params, reg_state, self.warm_state, errors = comm.scatter(payload)
         if self.errors is not None:
