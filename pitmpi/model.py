@@ -241,6 +241,13 @@ class ResNet:
         # the block reuses its arrays; the caller owns what it gets
         return loss + blk.decay(params), {k: np.array(v) for k, v in grads.items()}
 
+    def output_errors(self, params, X, y, chunk=256):
+        """Each sample's output error ``softmax(S) − q`` (the loss gradient at
+        its scores, see :meth:`Block.output_errors`), shape (n, c), for ``X``
+        in chunks as :meth:`predict`."""
+        _, P = cross_entropy(self.predict(params, X, chunk), y)
+        return output_errors(P, y, self.label_smoothing)
+
     def predict(self, params, X, chunk=8192):
         """Class scores, shape (n, c), for ``X`` (n, d), in chunks of at most
         ``chunk`` rows (fewer for a conv net, see :meth:`eval_rows`)."""

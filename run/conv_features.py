@@ -33,7 +33,6 @@ import numpy as np
 
 from pitmpi import data as datasets
 from pitmpi.io import read_result
-from pitmpi.kernels import cross_entropy, output_errors
 from pitmpi.parallel.regression import CostateRegression, state_map_for
 from pitmpi.parallel.trainer import build_network
 
@@ -50,18 +49,6 @@ def pairs(net, params, X, y, boundary, batch):
         lam, _, _ = right.backward(pr, right.forward(pr, state), y=yb, n_norm=batch)
         out.append((state, lam, yb))
     return out
-
-
-def errors_of(net, params, X, y, batch):
-    """Each sample's output error under ``params``, shape (n, classes), for
-    the whole batches of ``X``."""
-    whole = net.block(0, net.layers)
-    out = []
-    for i in range(0, len(y) - batch + 1, batch):
-        xb, yb = X[i:i + batch], y[i:i + batch]
-        S = whole.scores(params, whole.forward(params, xb, store=False))
-        out.append(output_errors(cross_entropy(S, yb)[1], yb, net.label_smoothing))
-    return np.concatenate(out)
 
 
 def main():
@@ -94,7 +81,7 @@ def main():
     errors = [None] * len(sets)
     if a.output_errors:
         source = read_result(a.errors_from)[1] if a.errors_from else params
-        e = errors_of(net, source, ds.x_train[order], ds.y_train[order], batch)
+        e = net.output_errors(source, ds.x_train[order], ds.y_train[order])
         errors = [e[i * batch:(i + 1) * batch] for i in range(len(sets))]
     fit, test = sets[:a.fit], sets[a.fit:]
     print(f"{a.file}: boundary at layer {boundary} of {net.layers}, state width "

@@ -167,34 +167,6 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
                                                        "coarse_params": coarse}
 
 
-def coarse_output_errors(cnet, params, x_train, y_train, chunk=256):
-    """Every training sample's output error ``softmax(S) − q`` under the
-    coarse model (``regression.output_errors`` starts from them).
-
-    Parameters
-    ----------
-    cnet : ResNet
-        The coarse network.
-    params : dict
-        Its full parameters.
-    x_train : ndarray, shape (n, ...)
-    y_train : ndarray of int, shape (n,)
-    chunk : int
-        Samples per forward pass.
-
-    Returns
-    -------
-    ndarray, shape (n, classes)
-    """
-    whole = cnet.block(0, cnet.layers)
-    errors = np.empty((len(y_train), cnet.n_classes), dtype=cnet.dtype)
-    for i in range(0, len(y_train), chunk):
-        y = y_train[i:i + chunk]
-        ctx = whole.forward(params, x_train[i:i + chunk], store=False)
-        errors[i:i + chunk] = whole.output_errors(params, ctx, y)
-    return errors
-
-
 def warm_states(blocks, local, x_train, batches):
     """The coarse states at each block boundary for the pipeline's warm-up
     batches: for block r >= 1 the state at its left end of batch ``-r``

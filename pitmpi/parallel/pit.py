@@ -31,8 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .blocks import BlockTrainer
-from .coarse import (check_coarse_loss, coarse_output_errors, coarse_phase, prolong,
-                     warm_states)
+from .coarse import check_coarse_loss, coarse_phase, prolong, warm_states
 from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
@@ -56,8 +55,8 @@ def shared_coarse(cfg, size):
     """Whether every rank trains the coarse model (``coarse.parallel =
     "data-parallel"``, or with ``pit`` at more than two levels), not rank 0
     alone."""
-    return two_level(cfg, size) and (cfg["coarse"]["parallel"] == "data-parallel"
-                                     or cfg["coarse"]["levels"] > 2)
+    return multilevel(cfg, size) or (two_level(cfg, size)
+                                     and cfg["coarse"]["parallel"] == "data-parallel")
 
 
 def coarse_config(cfg, iterations, per_epoch):
@@ -174,7 +173,8 @@ class PitTrainer(BlockTrainer):
             n_train, c = len(self.y_train), self.net.n_classes
             if self.next is not None:  # what the regression reads, (n_train, c)
                 self.errors = np.zeros((n_train, c), dtype=dt)
-            # the last block's of this epoch and a count per sample, summed over the ranks
+            # the last block's of this epoch and a mark per sample recorded, summed over
+            # the ranks (each sample is recorded by one replica of the last block)
             self.errors_seen = np.zeros((n_train, c + 1))
 
     @classmethod
@@ -224,9 +224,13 @@ class PitTrainer(BlockTrainer):
                 comm if shared else LoneComm(), self.net, self.cfg, self.batches, self.x_train,
                 self.y_train, self.bounds, self.log)
         if comm.rank == 0:
+            cnet = self.net.with_layers(self.net.layers // self.cfg["coarse"]["factor"])
             self.log.info("global prediction done: coarse model of %d layers in %.2f s (%d "
-                          "iterations, loss %.4f)", self.net.layers // self.cfg["coarse"]["factor"],
-                          time.perf_counter() - t, info["iterations"], info["final_loss"])
+                          "iterations, loss %.4f)", cnet.layers, time.perf_counter() - t,
+                          info["iterations"], info["final_loss"])
+            errors = None  # regression.output_errors: every sample's under the coarse model
+            if self.errors_seen is not None:
+                errors = cnet.output_errors(info["coarse_params"], self.x_train, self.y_train)
             payload = []
             for q in range(comm.size):  # every rank: its block's share, its replica's rows
                 r, i = divmod(q, lay.replicas)
@@ -234,15 +238,9 @@ class PitTrainer(BlockTrainer):
                 warm_rows = warm[r]
                 if warm_rows is not None and lay.replicas > 1:
                     warm_rows = warm_rows[lay.rows(self.batches.batch_size, i)]
-                payload.append((blk.local_params(fine),
-                                reg_states[r] if r < lay.blocks - 1 else None, warm_rows))
-        if comm.rank == 0:  # regression.output_errors: every sample's under the coarse model
-            errors = None
-            if self.errors_seen is not None:
-                cnet = self.net.with_layers(self.net.layers // self.cfg["coarse"]["factor"])
-                errors = coarse_output_errors(cnet, info["coarse_params"], self.x_train,
-                                              self.y_train)
-            payload = [part + (errors,) for part in payload]
+                inner = r < lay.blocks - 1  # a block with a boundary on its right
+                payload.append((blk.local_params(fine), reg_states[r] if inner else None,
+                                warm_rows, errors if inner else None))
         waited = comm.wait_seconds
         params, reg_state, self.warm_state, errors = comm.scatter(payload)
         if self.errors is not None:
@@ -268,15 +266,17 @@ class PitTrainer(BlockTrainer):
         inner = PitTrainer(comm, coarse_config(self.cfg, iterations, B), self.data, self.log,
                            bounds=self.bounds // co["factor"])
         inner.setup()
-        inner.loss_parts = np.zeros(iterations)
         total = np.zeros(1)
         for k in range(iterations):
-            inner.loss_parts[k], _, _ = inner.step(k, k // B)
-            total[0] = inner.loss_parts[k]
-            comm.allreduce_sum(total)
-            check_coarse_loss(float(total[0]), k, iterations, inner.lr(k, k // B), co,
+            part, _, _ = inner.step(k, k // B)
+            # each rank its own part, as the fine pipeline does: no collective per iteration
+            check_coarse_loss(part, k, iterations, inner.lr(k, k // B), co,
                               self.cfg["train"]["max_loss"])
-            if (k + 1) % max(iterations // 4, 1) == 0:
+            logged = (k + 1) % max(iterations // 4, 1) == 0
+            if logged or k + 1 == iterations:
+                total[0] = part
+                comm.allreduce_sum(total)
+            if logged:
                 self.log.info("  coarse iteration %d/%d: batch loss %.4f", k + 1, iterations,
                               total[0])
         inner.drain()
@@ -375,7 +375,7 @@ class PitTrainer(BlockTrainer):
         self.comm.allreduce_sum(self.errors_seen)
         if self.errors is not None:
             seen = self.errors_seen[:, -1] > 0
-            self.errors[seen] = self.errors_seen[seen, :-1] / self.errors_seen[seen, -1:]
+            self.errors[seen] = self.errors_seen[seen, :-1]
         self.errors_seen[...] = 0.0
 
     def exchange(self, g, x_send, lam_send):
@@ -648,7 +648,7 @@ class PitTrainer(BlockTrainer):
             state["pred_error"] = np.float64(self.pred_error)
         if self.exact_mode:
             state["exact_since"] = np.int64(self.exact_since)
-        if self.errors is not None:
+        if self.errors is not None and self.comm.rank == 0:  # the same on every holder
             state["output_errors"] = self.errors.copy()
         if self.relay:
             state["relay_in"] = self.lam_right[1].copy()
@@ -684,6 +684,9 @@ class PitTrainer(BlockTrainer):
         super().resume(ckpt)
         q, r = self.comm.rank, self.layout.block
         k0 = ckpt.epochs_done * self.batches.per_epoch
+        kept = ckpt.rank_state(0).get("output_errors")  # rank 0 saves them for every holder
+        if self.errors is not None and kept is not None:
+            np.copyto(self.errors, kept)
         if self.reg is not None:
             where = int(self.bounds[r + 1])
             state = ckpt.regression.get(where)
@@ -712,8 +715,6 @@ class PitTrainer(BlockTrainer):
                 self.exact_since = int(st.get("exact_since", 0))
                 if "fallback_exact" in ckpt.history:
                     self.exact[:k0] = ckpt.history["fallback_exact"][:k0]
-            if self.errors is not None and "output_errors" in st:
-                np.copyto(self.errors, st["output_errors"])
             if self.relay and "relay_in" in st:
                 self.lam_right[1] = st["relay_in"]
                 for j, b in enumerate(st.get("ledger_ids", ())):
@@ -730,9 +731,6 @@ class PitTrainer(BlockTrainer):
                     arr[:k0] = ckpt.history[name][:k0, r]
         else:
             self.pipeline_start, self.warmup = k0, "wait"
-            kept = ckpt.rank_state(0).get("output_errors")  # every block but the last held them
-            if self.errors is not None and kept is not None:
-                np.copyto(self.errors, kept)
             self.log.info("pit resumed from %s (%s on %d ranks) on %d ranks: parameters and "
                           "optimizer carried over; the pipeline refills, rank r waiting r "
                           "iterations", ckpt.path, ckpt.method, ckpt.ranks, self.comm.size)
