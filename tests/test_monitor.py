@@ -376,3 +376,21 @@ def test_output_errors_start_from_the_coarse_model_and_follow_the_last_block():
         lam_hat = trainers[r].reg.predict(x, y)
         rel = np.linalg.norm(lam_hat - lams[r]) / np.linalg.norm(lams[r])
         np.testing.assert_allclose(result.history["monitor_costate_rel"][0, r], rel, rtol=1e-10)
+
+
+@pytest.mark.parametrize("ranks, extra, hinted", [
+    (4, [], True),
+    (2, [], False),
+    (4, ["regression.target=relayed", "regression.delay=0"], False),
+    (4, ["train.data_parallel_size=2"], False),  # two blocks of two replicas
+])
+def test_many_blocks_with_neighbour_costates_get_a_hint(tmp_path, capsys, ranks, extra, hinted):
+    argv = ["train", "--set", "model.layers=8", "--set", "coarse.iterations=4",
+            "--set", "train.epochs=1", "--emulate", str(ranks), "--out", str(tmp_path / "h.h5")]
+    for item in extra:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert ("hint: pit on 4 blocks" in text) == hinted
+    assert ("docs/many-ranks.md" in text) == hinted
