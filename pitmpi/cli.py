@@ -155,11 +155,11 @@ def hint_many_blocks(cfg, comm, log):
             or cfg["regression"]["target"] == "relayed"):
         return
     log.info("hint: pit on %d blocks with regression.target = '%s': its accuracy falls as "
-             "blocks are added (Swiss roll, L = 256: 99.8 %% on 2, 71.5 %% on 16). Measure yours with "
-             "--emulate and monitor.every; the options that kept serial's accuracy on 4-16 "
-             "blocks (regression.target = 'relayed', regression.damping = 'error', a longer "
-             "coarse phase shared by all ranks, coarse.levels = 3) are in docs/many-ranks.md",
-             blocks, cfg["regression"]["target"])
+             "blocks are added (Swiss roll, L = 256: 99.8 %% on 2, 71.5 %% on 16). Measure "
+             "yours with --emulate and monitor.every; the options that kept serial's accuracy "
+             "on 4-16 blocks (regression.target = 'relayed', regression.damping = 'error', a "
+             "longer coarse phase shared by all ranks, coarse.levels = 3) are in "
+             "docs/many-ranks.md", blocks, cfg["regression"]["target"])
 
 
 def train(args, comm, log):
