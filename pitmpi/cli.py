@@ -146,13 +146,14 @@ def share_cores(comm, log):
 MANY_BLOCKS = 4
 
 
-def hint_many_blocks(cfg, comm, log):
+def hint_many_blocks(cfg, trainer, log):
     """At ``MANY_BLOCKS`` pit blocks or more with the neighbours' co-states
     (the default), say that accuracy falls with the blocks, how to see it,
     and where the options that keep it are."""
-    blocks = comm.size // cfg["train"]["data_parallel_size"]
-    if (cfg["train"]["method"] != "pit" or blocks < MANY_BLOCKS
-            or cfg["regression"]["target"] == "relayed"):
+    if cfg["train"]["method"] != "pit" or cfg["regression"]["target"] == "relayed":
+        return
+    blocks = trainer.layout.blocks
+    if blocks < MANY_BLOCKS:
         return
     log.info("hint: pit on %d blocks with regression.target = '%s': its accuracy falls as "
              "blocks are added (Swiss roll, L = 256: 99.8 %% on 2, 71.5 %% on 16). Measure "
@@ -167,7 +168,7 @@ def train(args, comm, log):
     log.info("pitmpi %s: %s on %d %srank(s); %s", __version__, cfg["train"]["method"], comm.size,
              "emulated " if comm.emulated else "", data.summary())
     log.info("network: %r", trainer.net)
-    hint_many_blocks(cfg, comm, log)
+    hint_many_blocks(cfg, trainer, log)
     path = cfg["output"]["path"]
     if ckpt is not None:
         log.info("resuming %s after epoch %d of %d (%s on %d rank(s) before)", ckpt.path,

@@ -243,8 +243,9 @@ class ResNet:
 
     def output_errors(self, params, X, y, chunk=256):
         """Each sample's output error ``softmax(S) − q`` (the loss gradient at
-        its scores, see :meth:`Block.output_errors`), shape (n, c), for ``X``
-        in chunks as :meth:`predict`."""
+        its scores, with the label-smoothed targets ``q``: what sets the size
+        and direction of its co-states), shape (n, c), for ``X`` in chunks
+        as :meth:`predict`."""
         _, P = cross_entropy(self.predict(params, X, chunk), y)
         return output_errors(P, y, self.label_smoothing)
 
@@ -342,14 +343,7 @@ class Block:
         """Class scores (n, c) from a forward pass of the last block."""
         return scores(params["cls.W"], params["cls.b"], self.net.classifier_input(ctx.output))
 
-    def output_errors(self, params, ctx, y):
-        """Each sample's loss gradient at its scores, ``softmax(S) − q`` (the
-        label-smoothed targets ``q``), shape (n, c), from a forward pass of
-        the last block: what sets the size and direction of its co-states."""
-        _, P = cross_entropy(self.scores(params, ctx), y)
-        return output_errors(P, y, self.net.label_smoothing)
-
-    def backward(self, params, ctx, lam_out=None, y=None, n_norm=None):
+    def backward(self, params, ctx, lam_out=None, y=None, n_norm=None, errors=None):
         """Adjoint sweep through the block.
 
         Parameters
@@ -364,6 +358,10 @@ class Block:
             Labels; required if the block is last.
         n_norm : int, optional
             Normaliser of the mean loss (default ``n``).
+        errors : ndarray, shape (n, c), optional
+            If the block is last, receives each sample's output error
+            ``softmax(S) − q``, the loss gradient at its scores (what sets
+            the size and direction of its co-states).
 
         Returns
         -------
@@ -383,7 +381,7 @@ class Block:
             n_norm = len(y) if n_norm is None else n_norm
             loss, correct, gW, gmu, lamY = classifier_loss_and_grad(
                 params["cls.W"], params["cls.b"], net.classifier_input(ctx.output), y, n_norm,
-                net.label_smoothing)
+                net.label_smoothing, errors)
             grads["cls.W"], grads["cls.b"] = gW, gmu
             stats = (loss, correct)
             lamY = net.classifier_costate(lamY)

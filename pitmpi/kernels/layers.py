@@ -111,7 +111,7 @@ def output_errors(P, y, smoothing=0.0):
     return P
 
 
-def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
+def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0, errors=None):
     """Loss and gradients of the classifier for the last state ``Y``.
 
     Parameters
@@ -126,6 +126,9 @@ def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
         slice of it).
     smoothing : float
         Label smoothing ``ε``: the target is ``q = (1 − ε) onehot(y) + ε / c``.
+    errors : ndarray, shape (n, c), optional
+        Receives each row's output error ``softmax(S) − q`` (see
+        :func:`output_errors`).
 
     Returns
     -------
@@ -146,5 +149,7 @@ def classifier_loss_and_grad(W, mu, Y, y, n_norm, smoothing=0.0):
         # −q·S = −(1 − ε) S_y − (ε / c) Σ_j S_j, and logsumexp − S_y is in losses already
         losses = losses + smoothing * (S[np.arange(len(y)), y] - S.mean(axis=1))
     output_errors(G, y, smoothing)
+    if errors is not None:
+        errors[...] = G
     G /= n_norm
     return float(losses.sum() / n_norm), correct, G.T @ Y, G.sum(axis=0), G @ W

@@ -21,7 +21,7 @@ from ..errors import Diverged
 from ..model import join_blocks
 from .data_parallel import share
 from .flat import FlatSum
-from .regression import CostateRegression, state_map_for
+from .regression import CostateRegression, WithOutputErrors, state_map_for
 
 
 def prolong(coarse_params, factor, kind="constant"):
@@ -140,14 +140,15 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
             inp = ctxs[-1].output
         lam = None
         grads = [None] * len(blocks)
-        errors = (blocks[-1].output_errors(local[-1], ctxs[-1], y) if rg["output_errors"]
-                  else None)
+        # regression.output_errors: the last block's backward (first below) fills them
+        errors = np.empty((len(y), net.n_classes), dtype=net.dtype) if rg["output_errors"] else None
         for i in range(len(blocks) - 1, -1, -1):
             if i < len(blocks) - 1:
-                x = ctxs[i].output if errors is None else np.hstack([ctxs[i].output, errors])
-                regs[i].add(x, y, lam, refit=False, n=n)
+                x = ctxs[i].output
+                regs[i].add(x if errors is None else WithOutputErrors.rows(x, errors), y, lam,
+                            refit=False, n=n)
             lam, grads[i], (part, _) = blocks[i].backward(local[i], ctxs[i], lam_out=lam,
-                                                          y=y, n_norm=n)
+                                                          y=y, n_norm=n, errors=errors)
             if blocks[i].last:
                 data_loss = part
         (loss,) = gradient_sum.allreduce(comm, grads, [data_loss])

@@ -36,7 +36,7 @@ from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
 from .partition import critical_path, regression_cost
-from .regression import CostateRegression, prediction_errors, state_map_for
+from .regression import CostateRegression, WithOutputErrors, prediction_errors, state_map_for
 
 
 def two_level(cfg, size):
@@ -316,10 +316,13 @@ class PitTrainer(BlockTrainer):
             self.check_finite("state at its right boundary", x_out, k, epoch)
             kept_input = None if blk.first or not self.relay else np.array(inp)
             if blk.last:
-                if self.errors_seen is not None:
-                    self.record_errors(g, blk.output_errors(self.params, ctx, y))
+                errors = (None if self.errors_seen is None
+                          else np.empty((len(y), self.net.n_classes), dtype=x_out.dtype))
                 lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y,
-                                                              n_norm=self.batches.batch_size)
+                                                              n_norm=self.batches.batch_size,
+                                                              errors=errors)
+                if errors is not None:
+                    self.record_errors(g, errors)
                 count = len(y)
             else:
                 t = time.perf_counter()
@@ -358,7 +361,7 @@ class PitTrainer(BlockTrainer):
         :class:`~pitmpi.parallel.regression.WithOutputErrors`)."""
         if self.errors is None:
             return x
-        return np.hstack([x, self.errors[self.batch_rows(g)]])
+        return WithOutputErrors.rows(x, self.errors[self.batch_rows(g)])
 
     def record_errors(self, g, e):
         """The last block: batch ``g``'s output errors ``e`` (rows, c), kept

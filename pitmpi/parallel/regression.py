@@ -666,6 +666,12 @@ class WithOutputErrors:
         self.state_width, self.inner = int(state_width), inner
         self.width = (self.state_width if inner is None else inner.width) + int(n_classes)
 
+    @staticmethod
+    def rows(x, e):
+        """The rows ``[x, e]`` (m, state_width + c) that the regression reads
+        for states ``x`` (m, state_width) with output errors ``e`` (m, c)."""
+        return np.hstack([x, e])
+
     def __call__(self, rows):
         """``[m(x), e]`` (m, width) of rows ``[x, e]`` (m, state_width + c)."""
         if self.inner is None:
