@@ -127,7 +127,8 @@ SCHEMA = {
     "coarse": {
         "levels": Key("int", 2, "2: global prediction on a coarse model first; "
                                 "1: single-level (no coarse phase); k > 2: the coarse model "
-                                "is itself trained with pit on every rank, with its own "
+                                "is itself trained with pit on every rank (on the run's "
+                                "layers x data grid), with its own "
                                 "coarse model (k - 1 levels), block boundaries on multiples "
                                 "of factor^(k-1)", minimum=1),
         "factor": Key("int", 2, "coarsening factor c (coarse model has L / c layers)", minimum=2),

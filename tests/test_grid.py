@@ -119,13 +119,17 @@ def test_the_monitor_on_a_grid_measures_what_its_blocks_alone_do():
         np.testing.assert_allclose(grid.history[name], alone.history[name], rtol=1e-8, err_msg=name)
 
 
-def test_three_levels_on_a_grid_is_refused_on_every_rank(tmp_path, capsys):
-    out = tmp_path / "g.h5"
-    codes = run_emulated(4, lambda comm: main(
-        ["train", "--quiet", "--set", "model.layers=16", "--set", "coarse.levels=3",
-         "--set", "train.data_parallel_size=2", "--out", str(out)], comm=comm))
-    assert codes == [2] * 4
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("pitmpi: error: coarse.levels = 3 is not allowed "
-                                               "with train.data_parallel_size = 2"), err
-    assert not out.exists()
+@pytest.mark.parametrize("blocks,replicas,extra", [
+    (2, 2, []), (3, 2, ["regression.target=relayed", "regression.damping=error",
+                        "coarse.parallel=data-parallel"])])
+def test_three_levels_on_a_grid_give_the_iterates_of_its_blocks_alone(blocks, replicas, extra):
+    """The coarse model's pit run takes the fine run's grid: its blocks'
+    replicas split each batch, and each block hands on one regression."""
+    levels = ["model.layers=16", "coarse.levels=3", "train.method=pit"] + extra
+    alone = train(blocks, levels)
+    grid = train(blocks * replicas, levels + [f"train.data_parallel_size={replicas}"])
+    assert max_diff(alone, grid) <= 1e-8
+    np.testing.assert_allclose(grid.history["loss"], alone.history["loss"], rtol=1e-8)
+    two = train(blocks * replicas, ["model.layers=16", "coarse.levels=2", "train.method=pit",
+                                    f"train.data_parallel_size={replicas}"] + extra)
+    assert max_diff(two, grid) > 1e-3  # the third level changed the start

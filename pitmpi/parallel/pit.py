@@ -96,11 +96,6 @@ class PitTrainer(BlockTrainer):
 
     def __init__(self, comm, cfg, data, log=None, bounds=None):
         self.two_level = two_level(cfg, comm.size)
-        if multilevel(cfg, comm.size) and cfg["train"]["data_parallel_size"] > 1:
-            raise ConfigError(f"coarse.levels = {cfg['coarse']['levels']} is not allowed with "
-                              f"train.data_parallel_size = {cfg['train']['data_parallel_size']}: "
-                              "the coarse model's pit run takes one rank per block (set "
-                              "coarse.levels = 2 or train.data_parallel_size = 1)")
         super().__init__(comm, cfg, data, log, bounds)
         self.warmup = cfg["coarse"]["warmup"] if self.two_level else "wait"
         sw, bs, dt = self.net.state_width, self.n_rows, self.net.dtype  # this replica's rows
@@ -284,6 +279,7 @@ class PitTrainer(BlockTrainer):
         regs = comm.gather(inner.reg.state() if inner.reg is not None else None)
         if comm.rank != 0:
             return None, None, None, None
+        regs = self.layout.of_blocks(regs)  # a block's replicas hold the same fit
         blocks = [inner.net.block(a, b) for a, b in zip(inner.bounds[:-1], inner.bounds[1:])]
         warm = warm_states(blocks, [blk.local_params(full) for blk in blocks], self.x_train,
                            self.batches)
