@@ -84,17 +84,19 @@ def test_killing_one_rank_of_a_grid_job_ends_it(tmp_path):
     assert not out.exists()
 
 
-def test_a_grid_under_mpiexec_gives_the_emulated_iterates(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.layers=16", "coarse.levels=3"]])
+def test_a_grid_under_mpiexec_gives_the_emulated_iterates(tmp_path, extra):
     out = tmp_path / "m.h5"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
     env["OMP_NUM_THREADS"] = "1"
     argv = ["train", "--quiet", "--set", "model.layers=8", "--set", "coarse.iterations=20",
             "--set", "train.epochs=3", "--set", "train.data_parallel_size=2"]
+    argv += [a for kv in extra for a in ("--set", kv)]
     r = subprocess.run([mpiexec(), "-n", "4", sys.executable, "-m", "pitmpi", *argv,
                         "--out", str(out)], capture_output=True, text=True, timeout=300, env=env,
                        cwd=REPO)
     assert r.returncode == 0, r.stderr
-    alone = train(2, ["train.method=pit"])
+    alone = train(2, ["train.method=pit"] + extra)
     got = Checkpoint(str(out))
     for k in alone.params:
         assert np.abs(got.params[k] - alone.params[k]).max() <= 1e-8, k
