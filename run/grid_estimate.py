@@ -37,16 +37,17 @@ def estimate(cfg, ds, n_ranks):
     dp_rows = -(-n // n_ranks)
     dp = layer_costs(net, dp_rows).sum() * dp_rows / rate * per_epoch
     rows.append(("data-parallel", 1, n_ranks, dp, serial / dp))
+    co = cfg["coarse"]
     for blocks, replicas in grids(n_ranks):
-        if blocks > net.layers // cfg["coarse"]["factor"]:
-            continue
-        # as PitTrainer sets itself up on this grid
+        # as PitTrainer sets itself up on this grid: boundaries on multiples of c^(levels-1)
         grid_cfg = dict(cfg, train=dict(cfg["train"], data_parallel_size=replicas))
         coarse = two_level(grid_cfg, n_ranks)
+        step = co["factor"] ** (co["levels"] - 1) if coarse else 1
+        if blocks > net.layers // max(step, co["factor"]):
+            continue
         bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0
         mf = relay_factor(cfg) if blocks > 2 else 0.0
-        bounds = partition(layer_costs(net, n), blocks, cfg["coarse"]["factor"] if coarse else 1,
-                           bc, mf)
+        bounds = partition(layer_costs(net, n), blocks, step, bc, mf)
         coarse_its = (cfg["coarse"]["iterations"] or per_epoch) if coarse else 0
         est = critical_path(net, cfg, bounds, coarse_its, bc, mf, replicas)
         pit = est["iteration"] * per_epoch + est["coarse"] / epochs

@@ -114,6 +114,15 @@ def test_grid_estimate_lists_every_grid():
     assert rows["pit 2x2"][3] > 1.0 and rows["model-parallel 4x1"][3] == pytest.approx(1.0)
 
 
+def test_grid_estimate_puts_boundaries_where_the_levels_do():
+    from .conftest import run_script
+    est = run_script("grid_estimate")
+    names = lambda levels: {row[0] for row in est.estimate(
+        config.load(None, ["model.layers=16", f"coarse.levels={levels}"]), SWISS, 8)}
+    assert "pit 8x1" in names(2)  # boundaries on even layers: 8 blocks of 2
+    assert "pit 8x1" not in names(3) and "pit 4x2" in names(3)  # on multiples of 4
+
+
 def test_the_monitor_on_a_grid_measures_what_its_blocks_alone_do():
     alone = train(2, ["train.method=pit", "monitor.every=8"])
     grid = train(4, ["train.method=pit", "monitor.every=8", "train.data_parallel_size=2"])
