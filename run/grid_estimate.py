@@ -16,7 +16,7 @@ from pitmpi import config, data
 from pitmpi.parallel.partition import (MATMUL_RATE, critical_path, layer_costs, partition,
                                        regression_cost)
 from pitmpi.optim import BatchSchedule
-from pitmpi.parallel.pit import relay_factor, two_level
+from pitmpi.parallel.pit import boundary_step, relay_factor, two_level
 from pitmpi.parallel.trainer import build_network
 
 
@@ -42,7 +42,7 @@ def estimate(cfg, ds, n_ranks):
         # as PitTrainer sets itself up on this grid: boundaries on multiples of c^(levels-1)
         grid_cfg = dict(cfg, train=dict(cfg["train"], data_parallel_size=replicas))
         coarse = two_level(grid_cfg, n_ranks)
-        step = co["factor"] ** (co["levels"] - 1) if coarse else 1
+        step = boundary_step(grid_cfg, n_ranks)
         if blocks > net.layers // max(step, co["factor"]):
             continue
         bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0

@@ -45,6 +45,13 @@ def two_level(cfg, size):
     return cfg["coarse"]["levels"] >= 2 and size // cfg["train"]["data_parallel_size"] > 1
 
 
+def boundary_step(cfg, size):
+    """Block boundaries of a ``pit`` job of ``size`` ranks lie on multiples of
+    this: ``coarse.factor ** (coarse.levels − 1)`` with the coarse phase, else 1."""
+    co = cfg["coarse"]
+    return co["factor"] ** (co["levels"] - 1) if two_level(cfg, size) else 1
+
+
 def multilevel(cfg, size):
     """Whether the coarse model is itself trained with ``pit`` on every rank
     (``coarse.levels > 2``)."""
@@ -184,7 +191,7 @@ class PitTrainer(BlockTrainer):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
 
     def grid_for(self, cfg):
-        return cfg["coarse"]["factor"] ** (cfg["coarse"]["levels"] - 1) if self.two_level else 1
+        return boundary_step(cfg, self.comm.size)
 
     def grid_name(self, cfg):
         co = cfg["coarse"]
