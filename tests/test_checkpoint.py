@@ -51,7 +51,10 @@ CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
          (3, "pit", ["--set", "monitor.every=3", "--set", "monitor.fallback=0.3",
                      "--set", "regression.target=relayed"]),
          # the output errors every block but the last keeps across epochs
-         (3, "pit", ["--set", "regression.output_errors=true"])]
+         (3, "pit", ["--set", "regression.output_errors=true"]),
+         # three levels on a 2 x 2 grid: the coarse levels run once, before the first epoch
+         (4, "pit", ["--set", "coarse.levels=3", "--set", "model.layers=16",
+                     "--set", "train.data_parallel_size=2", "--set", "regression.target=relayed"])]
 
 
 @pytest.mark.parametrize("size,method,extra", CASES)
