@@ -128,6 +128,9 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
     lr = co["lr"] or tr["lr"]
     rows = share(batches.batch_size, comm.size, comm.rank)
     gradient_sum = FlatSum(local, net.dtype, extra=1)
+    # regression.output_errors: the last block's backward (first below) fills them
+    errors = (np.empty((rows.stop - rows.start, net.n_classes), dtype=net.dtype)
+              if rg["output_errors"] else None)
     loss = np.nan
     for g in range(iterations):
         idx = batches.indices(g)
@@ -140,8 +143,6 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
             inp = ctxs[-1].output
         lam = None
         grads = [None] * len(blocks)
-        # regression.output_errors: the last block's backward (first below) fills them
-        errors = np.empty((len(y), net.n_classes), dtype=net.dtype) if rg["output_errors"] else None
         for i in range(len(blocks) - 1, -1, -1):
             if i < len(blocks) - 1:
                 x = ctxs[i].output

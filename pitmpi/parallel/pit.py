@@ -178,6 +178,8 @@ class PitTrainer(BlockTrainer):
             # the last block's of this epoch and a mark per sample recorded, summed over
             # the ranks (each sample is recorded by one replica of the last block)
             self.errors_seen = np.zeros((n_train, c + 1))
+            # the last block's backward fills this with its batch's output errors
+            self.batch_errors = np.empty((bs, c), dtype=dt) if self.next is None else None
 
     @classmethod
     def reads_features(cls, cfg, rank, size):
@@ -319,8 +321,7 @@ class PitTrainer(BlockTrainer):
             self.check_finite("state at its right boundary", x_out, k, epoch)
             kept_input = None if blk.first or not self.relay else np.array(inp)
             if blk.last:
-                errors = (None if self.errors_seen is None
-                          else np.empty((len(y), self.net.n_classes), dtype=x_out.dtype))
+                errors = None if self.errors_seen is None else self.batch_errors
                 lam_in, grads, (loss, correct) = blk.backward(self.params, ctx, y=y,
                                                               n_norm=self.batches.batch_size,
                                                               errors=errors)
