@@ -107,6 +107,15 @@ class Checkpoint:
                 "regression": float(self.timing["rank_regression"][rank]),
                 "coarse": float(self.timing["coarse_wall"][rank])}
 
+    def rank_traffic(self, rank):
+        """What rank ``rank`` had sent so far (:data:`~pitmpi.parallel.comm.TRAFFIC`),
+        in the setup (coarse phase) and in the iterations: (2, 4); zeros
+        from a file written before traffic was counted."""
+        if "rank_setup_traffic" not in self.timing:
+            return np.zeros((2, 4))
+        return np.array([self.timing["rank_setup_traffic"][rank],
+                         self.timing["rank_iteration_traffic"][rank]], dtype=float)
+
     def resume_config(self, overrides=()):
         """The checkpoint's config with ``overrides`` applied, checked for resumability.
 

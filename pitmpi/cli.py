@@ -7,6 +7,7 @@ whole job (``Abort``) with a message that names the rank.
 """
 import argparse
 import contextlib
+import math
 import os
 import sys
 import traceback
@@ -45,6 +46,12 @@ def build_parser():
     r.add_argument("--target", type=float, metavar="ACC",
                    help="also report the training time to reach this validation accuracy "
                         "(a fraction, e.g. 0.99)")
+    r.add_argument("--bandwidth", type=float, metavar="GB/S",
+                   help="add the counted messages to the cost model's estimates, at this "
+                        "network bandwidth in GB/s (e.g. 12.5 for 100 Gb/s InfiniBand)")
+    r.add_argument("--latency", type=float, metavar="US",
+                   help="with --bandwidth: the network's latency per message in "
+                        "microseconds (default 2)")
     r.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR (needs matplotlib)")
     r.add_argument("--debug", action="store_true", help="full tracebacks for errors")
     sub.add_parser("keys", help="list every configuration key with default and allowed values",
@@ -195,15 +202,27 @@ def train(args, comm, log):
 
 
 def report(args, log):
-    from .report import compare, summarise
+    from .report import Network, compare, summarise
     if args.target is not None and not 0 < args.target <= 1:
         raise UserError(f"--target {args.target}: expected a validation accuracy in (0, 1]")
+    network = None
+    if args.latency is not None and args.bandwidth is None:
+        raise UserError(f"--latency {args.latency}: it needs --bandwidth (the network's GB/s)")
+    if args.bandwidth is not None:
+        latency = 2.0 if args.latency is None else args.latency
+        if not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
+            raise UserError(f"--bandwidth {args.bandwidth}: expected a network bandwidth in GB/s "
+                            f"above 0, e.g. 12.5")
+        if not (math.isfinite(latency) and latency >= 0):
+            raise UserError(f"--latency {latency}: expected a latency in microseconds, "
+                            f"0 or more, e.g. 2")
+        network = Network(args.bandwidth * 1e9, latency * 1e-6)
     if len(args.files) == 1:
-        print(summarise(args.files[0]))
+        print(summarise(args.files[0], network))
         if args.target is not None:
-            print(compare(args.files, args.target))
+            print(compare(args.files, args.target, network))
     else:
-        print(compare(args.files, args.target))
+        print(compare(args.files, args.target, network))
     if args.plots:
         from .plots import write_plots
         for path in write_plots(args.files, args.plots):

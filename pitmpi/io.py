@@ -8,7 +8,9 @@ Layout (one file, written by rank 0, readable with plain h5py)::
     /history/<name>       loss (per iteration), train_loss, train_acc,
                           val_loss, val_acc, epoch_wall (per epoch), ...
     /timing/<name>        train_wall (scalar), rank_compute, rank_comm_wait,
-                          rank_regression, coarse_wall, rank_peak_memory (per rank)
+                          rank_regression, coarse_wall, rank_peak_memory (per rank),
+                          rank_setup_traffic, rank_iteration_traffic (ranks x 4:
+                          bytes sent, messages, all-reduce bytes, all-reduce steps)
     /<extra>              e.g. partition (ranks x 2): layer range per rank
     /checkpoint/velocity/<name>      optimizer state, same shapes as params
     /checkpoint/regression/<layer>/  G, H, theta, pairs, held_* of the boundary at <layer>

@@ -21,6 +21,30 @@ TIME_KINDS = (("rank_compute", "compute"), ("rank_comm_wait", "comm wait"),
 SLOW_EPOCH = 1.25  # an epoch this much slower than the run's fast pace fell into a slow spell
 
 
+@dataclass(frozen=True)
+class Network:
+    """The α-β model of a cluster's network: a message of ``m`` bytes takes
+    ``latency + m / bandwidth`` seconds (``report --bandwidth --latency``).
+
+    Attributes
+    ----------
+    bandwidth : float
+        Bytes per second.
+    latency : float
+        Seconds per message (or all-reduce step).
+    """
+
+    bandwidth: float
+    latency: float
+
+    def seconds(self, traffic):
+        """Seconds to send ``traffic`` (..., 4) in the order of
+        :data:`~pitmpi.parallel.comm.TRAFFIC`, one after another (no overlap
+        with computing): shape (...)."""
+        t = np.asarray(traffic, dtype=float)
+        return (t[..., 0] + t[..., 2]) / self.bandwidth + (t[..., 1] + t[..., 3]) * self.latency
+
+
 @dataclass
 class Run:
     """One output file, read for analysis."""
@@ -117,12 +141,12 @@ class Run:
             return None
         return float(np.mean(per_epoch > SLOW_EPOCH * np.percentile(per_epoch, 10)))
 
-    def estimate(self, iterations=None):
+    def estimate(self, iterations=None, network=None):
         """The cost model's seconds for ``iterations`` (default: all) of this
         ``pit`` run on its critical path (coarse phase plus the busiest
-        block's iterations and the pipeline's fill), and for the same
-        iterations of the whole net on one rank: ``(pit, serial)``, or None
-        for other runs."""
+        block's iterations and the pipeline's fill; with a :class:`Network`,
+        plus :meth:`message_seconds`), and for the same iterations of the
+        whole net on one rank: ``(pit, serial)``, or None for other runs."""
         a = self.attrs
         if "estimate_iteration_seconds" not in a:
             return None
@@ -131,7 +155,29 @@ class Run:
         pit = (float(a["estimate_coarse_seconds"])
                + (k - exact + fills * (self.blocks - 1)) * float(a["estimate_iteration_seconds"])
                + (exact + sweeps) * float(a.get("estimate_exact_iteration_seconds", 0.0)))
+        if network is not None:
+            pit += self.message_seconds(network, k) or 0.0
         return pit, k * float(a["estimate_serial_iteration_seconds"])
+
+    def traffic(self, iterations=None):
+        """What each rank sent (counted, :data:`~pitmpi.parallel.comm.TRAFFIC`)
+        in the setup (the coarse phase) and in the first ``iterations``
+        (default: all, the run's iterations sending alike): (ranks, 4), or
+        None for a file written before traffic was counted."""
+        if "rank_setup_traffic" not in self.timing:
+            return None
+        k = self.iterations if iterations is None else iterations
+        return (np.asarray(self.timing["rank_setup_traffic"], dtype=float)
+                + np.asarray(self.timing["rank_iteration_traffic"], dtype=float) * k
+                / self.iterations)
+
+    def message_seconds(self, network, iterations=None):
+        """The busiest rank's seconds in messages and all-reduces on
+        ``network`` over the setup and the first ``iterations``, none of it
+        overlapping computation (a bound, not a measurement); None without
+        counted traffic."""
+        traffic = self.traffic(iterations)
+        return None if traffic is None else float(network.seconds(traffic).max())
 
     def fallback_counts(self, k):
         """Of the first ``k`` iterations: those on exact co-states
@@ -186,8 +232,9 @@ def table(header, rows):
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
-def summarise(path):
-    """The text summary of one output file."""
+def summarise(path, network=None):
+    """The text summary of one output file (with a :class:`Network`, its
+    estimate includes the messages)."""
     run = load(path)
     h, t, m = run.history, run.timing, run.cfg["model"]
     lines = [f"{path}",
@@ -222,7 +269,8 @@ def summarise(path):
         tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]
         lines.append("  regression ‖Λ̂−Λ‖/‖Λ̂‖ over the last 100 iterations, per boundary: "
                      + " ".join(f"{v:.3f}" for v in np.nanmean(tail, axis=0)))
-    est = run.estimate()
+    lines.extend(traffic_lines(run))
+    est = run.estimate(network=network)
     if est is not None:
         a = run.attrs
         exact, fills, sweeps = run.fallback_counts(run.iterations)
@@ -232,14 +280,36 @@ def summarise(path):
                         f"(monitor.fallback = {float(a['fallback']):g}) of "
                         f"{1e3 * float(a['estimate_exact_iteration_seconds']):.3f} ms, "
                         f"{fills} pipeline fills")
+        sent = run.message_seconds(network) if network is not None else None
+        messages = (f" + {sent:.2f} s of messages on the busiest rank at "
+                    f"{network.bandwidth / 1e9:g} GB/s, {1e6 * network.latency:g} µs"
+                    if sent is not None else "")
         lines.append(f"  estimate  (cost model, not measured) critical path {est[0]:.2f} s: coarse "
                      f"phase {float(a['estimate_coarse_seconds']):.2f} s + "
                      f"{run.iterations - exact} iterations of "
                      f"{1e3 * float(a['estimate_iteration_seconds']):.3f} ms on the "
-                     f"busiest block{on_exact}; serial {est[1]:.2f} s; predicted speed-up "
-                     f"{est[1] / est[0]:.2f} on {run.ranks} ranks")
+                     f"busiest block{on_exact}{messages}; serial {est[1]:.2f} s; predicted "
+                     f"speed-up {est[1] / est[0]:.2f} on {run.ranks} ranks"
+                     + ("" if network is not None or run.ranks == 1 else
+                        " (no messages: see report --bandwidth)"))
     lines.extend(monitor_lines(h))
     return "\n".join(lines)
+
+
+def traffic_lines(run):
+    """What the busiest rank sent (counted), in the coarse phase and per
+    iteration; [] for one rank or a file without counts."""
+    traffic = run.traffic()
+    if traffic is None or run.ranks == 1:
+        return []
+    setup = np.asarray(run.timing["rank_setup_traffic"], dtype=float)
+    per_iter = np.asarray(run.timing["rank_iteration_traffic"], dtype=float) / run.iterations
+    words = lambda t, unit, scale: (f"{t[0] / scale:.1f} {unit} in {t[1]:g} messages, "
+                                    f"{t[2] / scale:.1f} {unit} in {t[3]:g} all-reduce steps")
+    busiest = lambda t: t[int(np.argmax(t[:, 0] + t[:, 2]))]
+    return [f"  traffic   (counted, the rank that sent most) coarse phase "
+            f"{words(busiest(setup), 'MB', 1e6)}; each iteration "
+            f"{words(busiest(per_iter), 'kB', 1e3)}"]
 
 
 def network_words(m):
@@ -283,20 +353,22 @@ def baseline_of(run, runs):
     return min(pool, key=lambda r: r.wall) if pool else None
 
 
-def estimated_speedup(run, base, target):
+def estimated_speedup(run, base, target, network=None):
     """The cost model's speed-up of ``run`` (a ``pit`` run) to ``target``
     against the baseline's iterations to it, as text ("-" where it has no
-    estimate or either never gets there)."""
+    estimate or either never gets there); with a :class:`Network`, the
+    messages included."""
     k = run.iterations_to(target)
     kb = base.iterations_to(target) if base else None
-    est = run.estimate(k) if k else None
+    est = run.estimate(k, network) if k else None
     if est is None or not kb:
         return "-"
     return f"{run.estimate(kb)[1] / est[0]:.2f}"
 
 
-def compare(paths, target=None):
-    """The comparison table of several output files."""
+def compare(paths, target=None, network=None):
+    """The comparison table of several output files (with a :class:`Network`,
+    the estimated speed-ups include the messages)."""
     runs = [load(p) for p in paths]
     header = ["file", "method", "ranks", "layers", "val %", "best %", "wall s", "ms/iter",
               "speed-up", "efficiency", "median-epoch ms/iter", "slow epochs %"]
@@ -320,12 +392,15 @@ def compare(paths, target=None):
             tb = base.time_to(target) if base else None
             row += [f"{t:.2f}" if t is not None else "never",
                     f"{tb / t:.2f}" if t and tb and not run.emulated else "-",
-                    estimated_speedup(run, base, target)]
+                    estimated_speedup(run, base, target, network)]
         rows.append(row)
     note = ("speed-up = baseline wall / wall (none for emulated ranks: their timings mean nothing), against the serial run of the same dataset and "
             "depth (else the fastest 1-rank run); efficiency = speed-up / ranks; est. speed-up: the cost model's critical path "
             "(coarse phase + the busiest block's iterations) against the serial iterations, "
-            "to the same target, an estimate without messages or machine noise; median-epoch "
+            "to the same target, an estimate without machine noise"
+            + (f" and with the busiest rank's messages at {network.bandwidth / 1e9:g} GB/s, "
+               f"{1e6 * network.latency:g} µs, not overlapped" if network is not None
+               else " or messages (see --bandwidth)") + "; median-epoch "
             "ms/iter: from the median epoch's training time, which a slow spell of the "
             f"machine does not move; slow epochs: those over {SLOW_EPOCH:g}× the run's fast "
             "pace (its 10th-percentile epoch), slow spells of the machine")

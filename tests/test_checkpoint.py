@@ -24,15 +24,17 @@ def train(size, path, epochs, *extra):
 
 
 def assert_same_run(a, b):
-    """Parameters and history identical bit for bit (wall times aside)."""
-    _, pa, ha, _, _ = read_result(a)
-    _, pb, hb, _, _ = read_result(b)
+    """Parameters, history and counted traffic identical bit for bit (wall times aside)."""
+    _, pa, ha, ta, _ = read_result(a)
+    _, pb, hb, tb, _ = read_result(b)
     assert pa.keys() == pb.keys() and ha.keys() == hb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
     for k in ha:
         if k != "epoch_wall":
             np.testing.assert_array_equal(ha[k], hb[k], err_msg=k)
+    for k in ("rank_setup_traffic", "rank_iteration_traffic"):
+        np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
 
 
 CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),

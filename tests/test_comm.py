@@ -59,6 +59,37 @@ def test_waits_on_a_split_communicator_count_in_the_same_clock():
     assert out[0][0] == out[0][1] and out[0][0] > 0.15  # rank 0 waited for rank 1
 
 
+def test_traffic_counts_what_the_array_calls_send_on_every_split_communicator():
+    def body(comm):
+        comm.ledger = 0.0
+        pair = comm.split(comm.rank // 2)  # ranks {0, 1} and {2, 3}
+        lone = pair.split(pair.rank)  # one rank: its all-reduce sends nothing
+        peer = comm.rank ^ 1
+        got = np.empty(10)
+        if comm.rank % 2 == 0:
+            pair.sendrecv(np.zeros(10), 1, got, 1)
+            comm.send(np.zeros(3, dtype=np.float32), peer)
+        else:
+            pair.sendrecv(np.zeros(10), 0, got, 0)
+            comm.recv(np.empty(3, dtype=np.float32), peer)
+        comm.allreduce_sum(np.zeros(8))
+        lone.allreduce_sum(np.zeros(100))
+        req = pair.isend(np.zeros(2), 1 - pair.rank)
+        pair.wait(pair.irecv(np.empty(2), 1 - pair.rank))
+        pair.wait(req)
+        pair.sendrecv(None, None, got, None)  # neither half: nothing sent
+        return comm.traffic, pair.traffic, comm.wait_seconds
+
+    out = run_emulated(4, body)
+    for r, (traffic, pair_traffic, waited) in enumerate(out):
+        sent = 80 + 16 + (12 if r % 2 == 0 else 0)
+        messages = 2 + (1 if r % 2 == 0 else 0)
+        # a ring all-reduce of 64 bytes over 4 ranks: 2 * 3 / 4 * 64 bytes in 6 steps
+        np.testing.assert_array_equal(traffic, [sent, messages, 96.0, 6.0])
+        np.testing.assert_array_equal(pair_traffic, traffic)  # one ledger per process
+        assert waited >= 0
+
+
 def test_a_failure_inside_a_split_communicator_ends_the_whole_job():
     def body(comm):
         child = comm.split(comm.rank % 2)

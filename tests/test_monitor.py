@@ -86,6 +86,10 @@ def test_monitor_changes_nothing_that_training_uses():
     for k in plain.params:
         np.testing.assert_array_equal(plain.params[k], watched.params[k], err_msg=k)
     np.testing.assert_array_equal(plain.history["regression_rel"], watched.history["regression_rel"])
+    # the monitor's sweeps are not training's traffic
+    for k in ("rank_setup_traffic", "rank_iteration_traffic"):
+        np.testing.assert_array_equal(plain.timing[k], watched.timing[k], err_msg=k)
+    assert plain.timing["rank_iteration_traffic"][:, 1].min() > 0
 
 
 def test_relayed_costates_are_the_exact_ones_of_their_batch(monkeypatch):

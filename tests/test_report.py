@@ -52,6 +52,37 @@ def test_comparison_has_speedups_against_serial_of_same_depth(sweep, capsys):
     assert pit[11] == f"{100 * load(sweep[3]).slow_epoch_share:.0f}"
 
 
+def critical_path_of(out):
+    line = next(ln for ln in out.splitlines() if "critical path" in ln)
+    return line, float(line.split("critical path ")[1].split(" s")[0])
+
+
+def test_bandwidth_adds_the_counted_messages_to_the_estimate(sweep, capsys):
+    pit = sweep[3]
+    assert report([pit]) == 0
+    out = capsys.readouterr().out
+    line, plain = critical_path_of(out)
+    assert "no messages: see report --bandwidth" in line
+    assert "traffic   (counted" in out
+    with h5py.File(pit) as f:
+        setup, per_run = f["timing/rank_setup_traffic"][()], f["timing/rank_iteration_traffic"][()]
+    assert per_run.shape == (2, 4) and per_run[:, 1].min() > 0  # each rank sent messages
+    # 0.01 GB/s and 100 µs: bytes / 1e7 + (messages + all-reduce steps) * 1e-4, busiest rank
+    total = setup + per_run
+    want = ((total[:, 0] + total[:, 2]) / 1e7 + (total[:, 1] + total[:, 3]) * 1e-4).max()
+    assert report([pit, "--bandwidth", "0.01", "--latency", "100"]) == 0
+    line, slow = critical_path_of(capsys.readouterr().out)
+    assert f"+ {want:.2f} s of messages on the busiest rank at 0.01 GB/s, 100 µs" in line
+    assert slow == pytest.approx(plain + want, abs=0.011)
+    assert report(sweep + ["--target", "0.5", "--bandwidth", "0.01", "--latency", "100"]) == 0
+    slow_rows = capsys.readouterr().out
+    assert report(sweep + ["--target", "0.5"]) == 0
+    rows = capsys.readouterr().out
+    est = lambda text: float(next(ln for ln in text.splitlines()
+                                  if ln.startswith("pit-L8.h5")).split()[-1])
+    assert est(slow_rows) < est(rows)
+
+
 def test_median_epoch_time_ignores_a_slow_epoch():
     from pitmpi.report import Run
     # 4 epochs of 2 iterations after a 0.5 s coarse phase: 1, 1, 1 and 6.5 s
@@ -99,6 +130,14 @@ def test_report_errors(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert report([str(bad), "--target", "1.5"]) == 2
     assert "--target 1.5: expected a validation accuracy" in capsys.readouterr().err
+    good = str(tmp_path / "none.h5")  # checked before any file is read
+    for argv, message in ((["--bandwidth", "0"], "--bandwidth 0.0: expected a network bandwidth"),
+                          (["--bandwidth", "nan"], "--bandwidth nan: expected"),
+                          (["--latency", "2"], "--latency 2.0: it needs --bandwidth"),
+                          (["--bandwidth", "10", "--latency", "-1"], "--latency -1.0: expected")):
+        assert report([good, *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_scaling_check_splits_pit_iteration_against_serial(sweep, capsys):

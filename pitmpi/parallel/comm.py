@@ -5,7 +5,8 @@ global).  :class:`MPIComm` wraps an mpi4py communicator; :func:`run_emulated`
 runs ``N`` ranks as threads of one process over :class:`ThreadComm`, with the
 same message semantics, so that "N emulated blocks == N MPI ranks" is
 testable without ``mpirun``.  Both count the seconds spent inside
-communication calls (``wait_seconds``).
+communication calls (``wait_seconds``) and what the array calls sent
+(``traffic``), the same on both since the calls are.
 """
 import copy
 import queue
@@ -17,6 +18,7 @@ import numpy as np
 STATE_TAG = 0          # states travel forward
 COSTATE_TAG = 1 << 14  # co-states travel backward
 TAG_SPAN = 1 << 14     # batch ids are folded into [0, TAG_SPAN)
+TRAFFIC = ("sent_bytes", "messages", "allreduce_bytes", "allreduce_steps")
 
 
 def batch_tag(base, batch_id):
@@ -32,18 +34,51 @@ class Comm:
     emulated = False  # True: ranks are threads of one process (timings mean nothing)
 
     def __init__(self, clock=None):
-        # one wait clock per process, shared with the communicators split from this one
-        self._clock = clock if clock is not None else [0.0]
+        # one ledger per process, shared with the communicators split from this one:
+        # the wait seconds, then TRAFFIC
+        self._clock = clock if clock is not None else np.zeros(1 + len(TRAFFIC))
 
     @property
     def wait_seconds(self):
         """Seconds this process has spent inside communication calls, on this
         communicator and every one split from it (settable)."""
-        return self._clock[0]
+        return float(self._clock[0])
 
     @wait_seconds.setter
     def wait_seconds(self, value):
         self._clock[0] = value
+
+    @property
+    def traffic(self):
+        """What this process sent by array calls, on this communicator and
+        every one split from it (settable): float64 (4,), in the order of
+        :data:`TRAFFIC` — bytes sent point to point and their messages, and
+        for ``allreduce_sum`` of ``m`` bytes over ``P > 1`` ranks what a ring
+        all-reduce sends, ``2 (P − 1) / P · m`` bytes in ``2 (P − 1)`` steps."""
+        return self._clock[1:].copy()
+
+    @traffic.setter
+    def traffic(self, value):
+        self._clock[1:] = value
+
+    @property
+    def ledger(self):
+        """Wait seconds and traffic together (settable): to keep a stretch of
+        calls that is not training out of both."""
+        return self._clock.copy()
+
+    @ledger.setter
+    def ledger(self, value):
+        self._clock[:] = value
+
+    def _count_send(self, buf):
+        self._clock[1] += buf.nbytes
+        self._clock[2] += 1
+
+    def _count_allreduce(self, buf):
+        if self.size > 1:
+            self._clock[3] += 2.0 * (self.size - 1) / self.size * buf.nbytes
+            self._clock[4] += 2 * (self.size - 1)
 
     def _timed(self, fn, *args):
         t = time.perf_counter()
@@ -56,9 +91,12 @@ class Comm:
     def sendrecv(self, sendbuf, dest, recvbuf, source, sendtag=0, recvtag=0):
         """Send ``sendbuf`` to ``dest`` and receive into ``recvbuf`` from
         ``source`` at once; ``None`` for either rank skips that half."""
+        if dest is not None:
+            self._count_send(sendbuf)
         return self._timed(self._sendrecv, sendbuf, dest, recvbuf, source, sendtag, recvtag)
 
     def send(self, buf, dest, tag=0):
+        self._count_send(buf)
         return self._timed(self._send, buf, dest, tag)
 
     def recv(self, buf, source, tag=0):
@@ -66,6 +104,7 @@ class Comm:
 
     def isend(self, buf, dest, tag=0):
         """Start sending ``buf`` (leave it untouched until :meth:`wait`); a request."""
+        self._count_send(buf)
         return self._timed(self._isend, buf, dest, tag)
 
     def irecv(self, buf, source, tag=0):
@@ -78,6 +117,7 @@ class Comm:
 
     def allreduce_sum(self, buf):
         """Sum ``buf`` (contiguous ndarray) over ranks, in place."""
+        self._count_allreduce(buf)
         return self._timed(self._allreduce_sum, buf)
 
     def bcast(self, obj, root=0):

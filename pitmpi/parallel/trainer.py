@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ConfigError, Diverged
 from ..model import ResNet
 from ..optim import BatchSchedule, Schedule
+from .comm import TRAFFIC
 
 EPOCH_HISTORY = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_wall")
 RANK_TIMES = ("compute", "comm_wait", "regression", "coarse")
@@ -231,14 +232,16 @@ class Trainer:
         self.hist = {k: [] for k in EPOCH_HISTORY}
         self.samples, first = 0, 0
         self.before = dict.fromkeys(RANK_TIMES, 0.0)  # per-rank seconds of earlier runs
+        self.traffic_before = np.zeros((2, len(TRAFFIC)))  # and traffic: setup, iterations
         self.wall_before = ckpt.train_wall if ckpt is not None else 0.0
         comm.barrier()
-        comm.wait_seconds = 0.0
+        comm.ledger = 0.0
         start = time.perf_counter()
         if ckpt is None:
             self.setup()
         else:
             first = self.restore(ckpt)
+        self.setup_traffic = comm.traffic  # the coarse phase's (none on resume)
         self.session_wall = time.perf_counter() - start
         every = self.cfg["output"]["checkpoint_every"]
         fail_at = self.injected_failure(first * B + 3)
@@ -258,23 +261,24 @@ class Trainer:
             epoch_seconds = time.perf_counter() - t0 - monitored
             self.session_wall += epoch_seconds
             self.samples += B * self.batches.batch_size
-            waited = comm.wait_seconds  # waits in evaluation and checkpoints are not training
+            ledger = comm.ledger  # evaluation and checkpoints are not training
             self.record_epoch(epoch, correct, count, epoch_seconds)
+            comm.ledger = ledger  # before a checkpoint records it
             if every and (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
                 self.last_checkpoint = epoch + 1
                 self.checkpoint_path = self.cfg["output"]["path"]
                 result = self.snapshot(epoch + 1)
                 if comm.rank == 0 and save is not None:
                     save(result)
-            comm.wait_seconds = waited
+            comm.ledger = ledger
         return self.snapshot(self.epochs)
 
     def run_monitor(self, k):
-        """The monitor's measurement after iteration ``k``, its time and
-        waits kept out of training's; returns its seconds."""
-        t, waited = time.perf_counter(), self.comm.wait_seconds
+        """The monitor's measurement after iteration ``k``, its time, waits
+        and traffic kept out of training's; returns its seconds."""
+        t, ledger = time.perf_counter(), self.comm.ledger
         self.monitor.measure(k)
-        self.comm.wait_seconds = waited
+        self.comm.ledger = ledger
         spent = time.perf_counter() - t
         self.seconds["monitor"] += spent
         return spent
@@ -331,6 +335,7 @@ class Trainer:
         self.exact_resume = ckpt.exact(self.method, self.comm.size, self.partition())
         if self.exact_resume:
             self.before = ckpt.rank_times(self.comm.rank)
+            self.traffic_before = ckpt.rank_traffic(self.comm.rank)
         self.resume(ckpt)
         return first
 
@@ -364,7 +369,7 @@ class Trainer:
     def snapshot(self, epochs_done):
         """Collective: the run so far as a :class:`Result` (a complete checkpoint) on rank 0."""
         comm = self.comm
-        waited = comm.wait_seconds  # before the gathers below, which are not training
+        waited, traffic = comm.wait_seconds, comm.traffic  # before the gathers below, not training
         k_done = epochs_done * self.batches.per_epoch
         per_iter = comm.gather(self.loss_parts[:k_done])
         params = self.gather_params()
@@ -374,6 +379,8 @@ class Trainer:
         now["compute"] = max(self.session_wall - sum(now.values()), 0.0)
         rank_times = comm.gather(tuple(self.before[k] + now[k] for k in RANK_TIMES)
                                  + (peak_memory(),))
+        rank_traffic = comm.gather(self.traffic_before
+                                   + [self.setup_traffic, traffic - self.setup_traffic])
         states = comm.gather(self.method_state())
         regs = comm.gather(self.regression_states())
         extra, attrs = self.result_extra()
@@ -386,7 +393,9 @@ class Trainer:
         rt = np.array(rank_times)
         timing = {"train_wall": self.wall_before + self.session_wall, "rank_compute": rt[:, 0],
                   "rank_comm_wait": rt[:, 1], "rank_regression": rt[:, 2], "coarse_wall": rt[:, 3],
-                  "rank_peak_memory": rt[:, 4]}
+                  "rank_peak_memory": rt[:, 4],
+                  "rank_setup_traffic": np.array([t[0] for t in rank_traffic]),
+                  "rank_iteration_traffic": np.array([t[1] for t in rank_traffic])}
         attrs = {"method": self.method, "ranks": comm.size, "dataset": self.data.name,
                  "emulated": bool(getattr(comm, "emulated", False)),
                  "blas_threads": blas_threads(),

@@ -70,6 +70,8 @@ def test_pit_emulated_equals_mpi_bitwise(overrides):
             np.testing.assert_array_equal(res.params[k], emu.params[k])
         np.testing.assert_array_equal(res.history["loss"], emu.history["loss"])
         np.testing.assert_array_equal(res.history["regression_mse"], emu.history["regression_mse"])
+        for k in ("rank_setup_traffic", "rank_iteration_traffic"):  # the same calls
+            np.testing.assert_array_equal(res.timing[k], emu.timing[k], err_msg=k)
         if comm.size == 1:
             ref = train_serial_reference([o for o in overrides if not o.startswith("monitor.")])
             for k in ref.params:
