@@ -166,7 +166,7 @@ def hint_many_blocks(cfg, trainer, log):
              "blocks are added (Swiss roll, L = 256: 99.8 %% on 2, 71.5 %% on 16). Measure "
              "yours with --emulate and monitor.every; the options that kept serial's accuracy "
              "on 4-16 blocks (regression.target = 'relayed', regression.damping = 'error', a "
-             "longer coarse phase shared by all ranks, coarse.levels = 3, fewer blocks "
+             "longer coarse phase shared by all ranks, coarse.levels = 3 or 4, fewer blocks "
              "replicated on the ranks by train.data_parallel_size) are in docs/many-ranks.md",
              blocks, cfg["regression"]["target"])
 
