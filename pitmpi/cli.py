@@ -230,6 +230,17 @@ def report(args, log):
     return 0
 
 
+def until_the_reader_stops(fn):
+    """``fn()`` (a command that only prints), ending quietly with 0 when the
+    reader of its output stops early, as ``report FILE.h5 | head`` does."""
+    try:
+        return fn()
+    except BrokenPipeError:
+        # nothing more reaches the reader; the interpreter's final flush must not fail either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def floating_point_quiet(debug):
     """NumPy's overflow / invalid-value warnings off during training (a
     diverging run is stopped with its own message, which says more), on
@@ -245,8 +256,7 @@ def main(argv=None, comm=None):
         argv = ["train"] + argv  # the default command
     args = parser.parse_args(argv)
     if args.command == "keys":
-        print(config_mod.describe())
-        return 0
+        return until_the_reader_stops(lambda: print(config_mod.describe()) or 0)
     if comm is None:
         if args.command == "report":
             comm = LoneComm()
@@ -290,7 +300,7 @@ def run(args, comm):
     debug = getattr(args, "debug", False)
     try:
         if args.command == "report":
-            return report(args, log)
+            return until_the_reader_stops(lambda: report(args, log))
         with floating_point_quiet(debug):
             return train(args, comm, log)
     except UserError as e:

@@ -1,4 +1,7 @@
 """``report``: summary, comparison with speed-ups, time to target, PNG figures."""
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -81,6 +84,15 @@ def test_bandwidth_adds_the_counted_messages_to_the_estimate(sweep, capsys):
     est = lambda text: float(next(ln for ln in text.splitlines()
                                   if ln.startswith("pit-L8.h5")).split()[-1])
     assert est(slow_rows) < est(rows)
+
+
+def test_report_into_a_closed_pipe_ends_quietly(sweep):
+    # as `report FILE.h5 | head -1`, with the reader gone before the first line
+    p = subprocess.Popen([sys.executable, "-m", "pitmpi", "report", sweep[3]],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait() == 0 and err == b"", err.decode()
 
 
 def test_median_epoch_time_ignores_a_slow_epoch():
