@@ -33,20 +33,20 @@ class Comm:
     size = 1
     emulated = False  # True: ranks are threads of one process (timings mean nothing)
 
-    def __init__(self, clock=None):
+    def __init__(self, ledger=None):
         # one ledger per process, shared with the communicators split from this one:
         # the wait seconds, then TRAFFIC
-        self._clock = clock if clock is not None else np.zeros(1 + len(TRAFFIC))
+        self._ledger = ledger if ledger is not None else np.zeros(1 + len(TRAFFIC))
 
     @property
     def wait_seconds(self):
         """Seconds this process has spent inside communication calls, on this
         communicator and every one split from it (settable)."""
-        return float(self._clock[0])
+        return float(self._ledger[0])
 
     @wait_seconds.setter
     def wait_seconds(self, value):
-        self._clock[0] = value
+        self._ledger[0] = value
 
     @property
     def traffic(self):
@@ -55,30 +55,30 @@ class Comm:
         :data:`TRAFFIC` — bytes sent point to point and their messages, and
         for ``allreduce_sum`` of ``m`` bytes over ``P > 1`` ranks what a ring
         all-reduce sends, ``2 (P − 1) / P · m`` bytes in ``2 (P − 1)`` steps."""
-        return self._clock[1:].copy()
+        return self._ledger[1:].copy()
 
     @traffic.setter
     def traffic(self, value):
-        self._clock[1:] = value
+        self._ledger[1:] = value
 
     @property
     def ledger(self):
         """Wait seconds and traffic together (settable): to keep a stretch of
         calls that is not training out of both."""
-        return self._clock.copy()
+        return self._ledger.copy()
 
     @ledger.setter
     def ledger(self, value):
-        self._clock[:] = value
+        self._ledger[:] = value
 
     def _count_send(self, buf):
-        self._clock[1] += buf.nbytes
-        self._clock[2] += 1
+        self._ledger[1] += buf.nbytes
+        self._ledger[2] += 1
 
     def _count_allreduce(self, buf):
         if self.size > 1:
-            self._clock[3] += 2.0 * (self.size - 1) / self.size * buf.nbytes
-            self._clock[4] += 2 * (self.size - 1)
+            self._ledger[3] += 2.0 * (self.size - 1) / self.size * buf.nbytes
+            self._ledger[4] += 2 * (self.size - 1)
 
     def _timed(self, fn, *args):
         t = time.perf_counter()
@@ -141,7 +141,7 @@ class Comm:
         """Collective: the communicator of the ranks that give the same
         ``color``, ranked by ``(key, rank)`` (MPI's ``Comm_split``).  Its
         messages never meet this communicator's, its waits count in the same
-        clock, and a failure on any rank still ends the whole job."""
+        ledger, and a failure on any rank still ends the whole job."""
         return self._timed(self._split, color, key)
 
     def dup(self):
@@ -161,13 +161,13 @@ class LoneComm(Comm):
     Parameters
     ----------
     parent : Comm, optional
-        Whose wait clock it shares.
+        Whose ledger (wait seconds, traffic) it shares.
     """
 
     emulated = False
 
     def __init__(self, parent=None):
-        super().__init__(parent._clock if parent is not None else None)
+        super().__init__(parent._ledger if parent is not None else None)
 
     def _allreduce_sum(self, buf):
         return buf
@@ -199,8 +199,8 @@ class MPIComm(Comm):
     comm : mpi4py.MPI.Comm
     """
 
-    def __init__(self, comm, clock=None):
-        super().__init__(clock)
+    def __init__(self, comm, ledger=None):
+        super().__init__(ledger)
         from mpi4py import MPI  # only here: kernels and trainers never import MPI
         self._MPI = MPI
         self.comm = comm
@@ -249,7 +249,7 @@ class MPIComm(Comm):
         self.comm.Barrier()
 
     def _split(self, color, key):
-        return MPIComm(self.comm.Split(color, key), self._clock)
+        return MPIComm(self.comm.Split(color, key), self._ledger)
 
     def abort(self, code=1):
         self.comm.Abort(code)
@@ -316,8 +316,8 @@ class ThreadComm(Comm):
 
     emulated = True
 
-    def __init__(self, world, rank, clock=None):
-        super().__init__(clock)
+    def __init__(self, world, rank, ledger=None):
+        super().__init__(ledger)
         self.world, self.rank, self.size = world, rank, world.size
 
     def _send(self, buf, dest, tag):
@@ -409,7 +409,7 @@ class ThreadComm(Comm):
         # the group's first rank makes its world; everyone picks up their group's
         world = _ThreadWorld(len(group), self.world.timeout, self.world.job) if new_rank == 0 else None
         worlds = self._share(world)
-        return ThreadComm(worlds[group[0][1]], new_rank, self._clock)
+        return ThreadComm(worlds[group[0][1]], new_rank, self._ledger)
 
     def local_size(self):
         return self.size  # threads of one process
