@@ -19,6 +19,7 @@ from .io import read_result
 TIME_KINDS = (("rank_compute", "compute"), ("rank_comm_wait", "comm wait"),
               ("rank_regression", "regression"), ("coarse_wall", "coarse phase"))
 SLOW_EPOCH = 1.25  # an epoch this much slower than the run's fast pace fell into a slow spell
+UNCOUNTED = "the file was written before pitmpi counted its traffic"
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,9 @@ def summarise(path, network=None):
                      f"{1e3 * float(a['estimate_iteration_seconds']):.3f} ms on the "
                      f"busiest block{on_exact}{messages}; serial {est[1]:.2f} s; predicted "
                      f"speed-up {est[1] / est[0]:.2f} on {run.ranks} ranks"
-                     + ("" if network is not None or run.ranks == 1 else
-                        " (no messages: see report --bandwidth)"))
+                     + ("" if run.ranks == 1 or (network is not None and sent is not None) else
+                        " (no messages: see report --bandwidth)" if network is None else
+                        f" (no messages: {UNCOUNTED})"))
     lines.extend(monitor_lines(h))
     return "\n".join(lines)
 
@@ -404,4 +406,10 @@ def compare(paths, target=None, network=None):
             "ms/iter: from the median epoch's training time, which a slow spell of the "
             f"machine does not move; slow epochs: those over {SLOW_EPOCH:g}× the run's fast "
             "pace (its 10th-percentile epoch), slow spells of the machine")
+    uncounted = [os.path.basename(r.path) for r in runs
+                 if network is not None and r.estimate() is not None and r.traffic() is None]
+    if uncounted:
+        note += (f"; no messages in the est. speed-up of {', '.join(uncounted)}: "
+                 f"{'each' if len(uncounted) > 1 else 'the'} file was written before pitmpi "
+                 "counted its traffic")
     return table(header, rows) + "\n" + note

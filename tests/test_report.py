@@ -1,4 +1,5 @@
 """``report``: summary, comparison with speed-ups, time to target, PNG figures."""
+import shutil
 import subprocess
 import sys
 
@@ -84,6 +85,19 @@ def test_bandwidth_adds_the_counted_messages_to_the_estimate(sweep, capsys):
     est = lambda text: float(next(ln for ln in text.splitlines()
                                   if ln.startswith("pit-L8.h5")).split()[-1])
     assert est(slow_rows) < est(rows)
+
+
+
+def test_bandwidth_says_when_a_file_counted_no_traffic(sweep, tmp_path, capsys):
+    old = tmp_path / "old.h5"
+    shutil.copy(sweep[3], old)
+    with h5py.File(old, "r+") as f:  # as written before traffic was counted
+        del f["timing/rank_setup_traffic"], f["timing/rank_iteration_traffic"]
+    assert report([str(old), "--bandwidth", "10"]) == 0
+    line, _ = critical_path_of(capsys.readouterr().out)
+    assert "no messages: the file was written before pitmpi counted its traffic" in line
+    assert report([sweep[2], str(old), "--target", "0.5", "--bandwidth", "10"]) == 0
+    assert "no messages in the est. speed-up of old.h5" in capsys.readouterr().out
 
 
 def test_report_into_a_closed_pipe_ends_quietly(sweep):
