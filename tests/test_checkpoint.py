@@ -38,6 +38,8 @@ def assert_same_run(a, b):
 
 
 CASES = [(1, "serial", []), (2, "data-parallel", []), (2, "model-parallel", []),
+         # all-reduces over 3 ranks: traffic in chunks of a third, summed across the resume
+         (3, "data-parallel", []),
          (2, "pit", []), (3, "pit", ["--set", "regression.refit_every=3"]),
          (3, "pit", ["--set", "coarse.warmup=wait", "--set", "model.scheme=euler"]),
          (2, "pit", ["--set", "coarse.levels=1"]),

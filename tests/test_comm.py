@@ -84,10 +84,19 @@ def test_traffic_counts_what_the_array_calls_send_on_every_split_communicator():
     for r, (traffic, pair_traffic, waited) in enumerate(out):
         sent = 80 + 16 + (12 if r % 2 == 0 else 0)
         messages = 2 + (1 if r % 2 == 0 else 0)
-        # a ring all-reduce of 64 bytes over 4 ranks: 2 * 3 / 4 * 64 bytes in 6 steps
+        # a ring all-reduce of 64 bytes over 4 ranks: 6 steps of a 16-byte chunk
         np.testing.assert_array_equal(traffic, [sent, messages, 96.0, 6.0])
         np.testing.assert_array_equal(pair_traffic, traffic)  # one ledger per process
         assert waited >= 0
+
+
+def test_an_all_reduce_over_three_ranks_counts_whole_chunks():
+    def body(comm):
+        comm.allreduce_sum(np.zeros(5, dtype=np.int16))  # 10 bytes: chunks of 4
+        return comm.traffic
+
+    for traffic in run_emulated(3, body):
+        np.testing.assert_array_equal(traffic, [0, 0, 4 * 4, 4])
 
 
 def test_a_failure_inside_a_split_communicator_ends_the_whole_job():

@@ -54,7 +54,8 @@ class Comm:
         every one split from it (settable): float64 (4,), in the order of
         :data:`TRAFFIC` — bytes sent point to point and their messages, and
         for ``allreduce_sum`` of ``m`` bytes over ``P > 1`` ranks what a ring
-        all-reduce sends, ``2 (P − 1) / P · m`` bytes in ``2 (P − 1)`` steps."""
+        all-reduce sends, ``2 (P − 1)`` steps of a ``⌈m / P⌉``-byte chunk (whole
+        numbers, so that sums are exact in any order)."""
         return self._ledger[1:].copy()
 
     @traffic.setter
@@ -77,7 +78,7 @@ class Comm:
 
     def _count_allreduce(self, buf):
         if self.size > 1:
-            self._ledger[3] += 2.0 * (self.size - 1) / self.size * buf.nbytes
+            self._ledger[3] += 2 * (self.size - 1) * -(-buf.nbytes // self.size)
             self._ledger[4] += 2 * (self.size - 1)
 
     def _timed(self, fn, *args):
