@@ -23,6 +23,7 @@ import numpy as np
 from . import config as config_mod
 from .errors import UserError
 from .io import FORMAT_VERSION, read_tree
+from .parallel.comm import TRAFFIC
 
 # settings a resumed run may not change (they define the network, the data
 # and the batch sequence)
@@ -112,7 +113,7 @@ class Checkpoint:
         in the setup (coarse phase) and in the iterations: (2, 4); zeros
         from a file written before traffic was counted."""
         if "rank_setup_traffic" not in self.timing:
-            return np.zeros((2, 4))
+            return np.zeros((2, len(TRAFFIC)))
         return np.array([self.timing["rank_setup_traffic"][rank],
                          self.timing["rank_iteration_traffic"][rank]], dtype=float)
 

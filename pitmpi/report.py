@@ -160,17 +160,25 @@ class Run:
             pit += self.message_seconds(network, k) or 0.0
         return pit, k * float(a["estimate_serial_iteration_seconds"])
 
-    def traffic(self, iterations=None):
+    def traffic_parts(self):
         """What each rank sent (counted, :data:`~pitmpi.parallel.comm.TRAFFIC`)
-        in the setup (the coarse phase) and in the first ``iterations``
-        (default: all, the run's iterations sending alike): (ranks, 4), or
-        None for a file written before traffic was counted."""
+        in the setup (the coarse phase) and in one iteration on average:
+        ``(setup, per_iteration)``, each (ranks, 4), or None for a file
+        written before traffic was counted."""
         if "rank_setup_traffic" not in self.timing:
             return None
+        return (np.asarray(self.timing["rank_setup_traffic"], dtype=float),
+                np.asarray(self.timing["rank_iteration_traffic"], dtype=float) / self.iterations)
+
+    def traffic(self, iterations=None):
+        """What each rank sent in the setup and the first ``iterations``
+        (default: all, the run's iterations sending alike): (ranks, 4), or
+        None without counts."""
+        parts = self.traffic_parts()
+        if parts is None:
+            return None
         k = self.iterations if iterations is None else iterations
-        return (np.asarray(self.timing["rank_setup_traffic"], dtype=float)
-                + np.asarray(self.timing["rank_iteration_traffic"], dtype=float) * k
-                / self.iterations)
+        return parts[0] + parts[1] * k
 
     def message_seconds(self, network, iterations=None):
         """The busiest rank's seconds in messages and all-reduces on
@@ -301,11 +309,10 @@ def summarise(path, network=None):
 def traffic_lines(run):
     """What the busiest rank sent (counted), in the coarse phase and per
     iteration; [] for one rank or a file without counts."""
-    traffic = run.traffic()
-    if traffic is None or run.ranks == 1:
+    parts = run.traffic_parts()
+    if parts is None or run.ranks == 1:
         return []
-    setup = np.asarray(run.timing["rank_setup_traffic"], dtype=float)
-    per_iter = np.asarray(run.timing["rank_iteration_traffic"], dtype=float) / run.iterations
+    setup, per_iter = parts
     words = lambda t, unit, scale: (f"{t[0] / scale:.1f} {unit} in {t[1]:g} messages, "
                                     f"{t[2] / scale:.1f} {unit} in {t[3]:g} all-reduce steps")
     busiest = lambda t: t[int(np.argmax(t[:, 0] + t[:, 2]))]
