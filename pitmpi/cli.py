@@ -311,7 +311,6 @@ def run(args, comm):
             if debug:
                 traceback.print_exc()
         if not agreed:
-            sys.stderr.flush()
             comm.abort(2)
         return 2
     except Diverged as e:
@@ -319,7 +318,6 @@ def run(args, comm):
         if debug:
             traceback.print_exc()
         if comm.size > 1:
-            sys.stderr.flush()
             comm.abort(3)
         return 3
     except EmulationAborted:  # stopped because another emulated rank failed; it has said why
@@ -328,7 +326,6 @@ def run(args, comm):
         if comm.size > 1:
             sys.stderr.write(f"pitmpi: rank {comm.rank} of {comm.size} failed: "
                              f"{type(e).__name__}: {e}\n{traceback.format_exc()}\n")
-            sys.stderr.flush()
             comm.abort(1)
         raise
 

@@ -10,6 +10,7 @@ communication calls (``wait_seconds``) and what the array calls sent
 """
 import copy
 import queue
+import sys
 import threading
 import time
 
@@ -19,6 +20,7 @@ STATE_TAG = 0          # states travel forward
 COSTATE_TAG = 1 << 14  # co-states travel backward
 TAG_SPAN = 1 << 14     # batch ids are folded into [0, TAG_SPAN)
 TRAFFIC = ("sent_bytes", "messages", "allreduce_bytes", "allreduce_steps")
+ABORT_GRACE = 0.5  # seconds a failing rank's output gets before MPI_Abort
 
 
 def batch_tag(base, batch_id):
@@ -253,6 +255,13 @@ class MPIComm(Comm):
         return MPIComm(self.comm.Split(color, key), self._ledger)
 
     def abort(self, code=1):
+        """End the whole job with exit code ``code``, after this rank's
+        output has had :data:`ABORT_GRACE` seconds to reach the launcher
+        (``Abort`` can otherwise kill the job before it forwards the
+        message that says why)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
 
     def local_size(self):
