@@ -107,7 +107,7 @@ def prepare(args, comm, log):
         ckpt = Checkpoint(args.resume)
         cfg = ckpt.resume_config(args.overrides)
     else:
-        cfg = config_mod.load(args.config, args.overrides)
+        cfg = config_mod.load(args.config, args.overrides, ranks=comm.size)
     if args.out:
         cfg["output"]["path"] = args.out
     if args.quiet:
@@ -150,17 +150,20 @@ def share_cores(comm, log):
     return limiter
 
 
-MANY_BLOCKS = 4
-
-
-def hint_many_blocks(cfg, trainer, log):
-    """At ``MANY_BLOCKS`` pit blocks or more with the neighbours' co-states
-    (the default), say that accuracy falls with the blocks, how to see it,
-    and where the options that keep it are."""
-    if cfg["train"]["method"] != "pit" or cfg["regression"]["target"] == "relayed":
+def say_many_blocks(cfg, comm, log, resumed):
+    """Name the ``[many_blocks]`` values a ``pit`` run on many blocks took
+    (as resolved: a ``--set`` of the same key wins), and, where the run
+    still learns from the neighbours' co-states, that its accuracy falls
+    with the blocks."""
+    blocks = config_mod.blocks_of(cfg, comm.size)
+    if blocks < config_mod.MANY_BLOCKS:
         return
-    blocks = trainer.layout.blocks
-    if blocks < MANY_BLOCKS:
+    taken = ", ".join(f"{s}.{k} = {cfg[s][k]!r}"
+                      for s, keys in cfg[config_mod.OVERLAY].items() for k in keys)
+    if taken and not resumed:
+        log.info("pit on %d blocks: the [%s] values apply (%s; docs/many-ranks.md)", blocks,
+                 config_mod.OVERLAY, taken)
+    if cfg["regression"]["target"] == "relayed":
         return
     log.info("hint: pit on %d blocks with regression.target = '%s': its accuracy falls as "
              "blocks are added (Swiss roll, L = 256: 99.8 %% on 2, 71.5 %% on 16). Measure "
@@ -176,7 +179,7 @@ def train(args, comm, log):
     log.info("pitmpi %s: %s on %d %srank(s); %s", __version__, cfg["train"]["method"], comm.size,
              "emulated " if comm.emulated else "", data.summary())
     log.info("network: %r", trainer.net)
-    hint_many_blocks(cfg, trainer, log)
+    say_many_blocks(cfg, comm, log, resumed=ckpt is not None)
     path = cfg["output"]["path"]
     if ckpt is not None:
         log.info("resuming %s after epoch %d of %d (%s on %d rank(s) before)", ckpt.path,

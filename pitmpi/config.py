@@ -1,7 +1,10 @@
 """Run configuration: TOML files, ``--set section.key=value`` overrides, checks.
 
-The schema below is the single source of truth for keys, types, defaults and
-allowed values; ``python -m pitmpi keys`` prints it and the documentation's
+A run's values come from the defaults, the file, for ``pit`` on
+:data:`MANY_BLOCKS` blocks or more the ``[many_blocks.<section>]`` tables
+(the package's :data:`OVERLAY_DEFAULTS`, then the file's), and ``--set``, each
+later one winning.  The schema below is the single source of truth for keys,
+types, defaults and allowed values; ``python -m pitmpi keys`` prints it and the documentation's
 configuration reference is generated from it (``docs/conf.py``).  Unknown sections or keys and bad
 values raise :class:`ConfigError` naming the key and what is allowed.
 """
@@ -215,17 +218,47 @@ SCHEMA = {
 }
 
 
+# pit on this many layer blocks or more takes the [many_blocks] values
+MANY_BLOCKS = 4
+OVERLAY = "many_blocks"
+# what [many_blocks] may set: not what decides the blocks, the data or the model
+OVERLAY_SECTIONS = ("train", "coarse", "regression", "monitor")
+NOT_IN_OVERLAY = {("train", "method"), ("train", "data_parallel_size")}
+# the package's [many_blocks] values; a config file adds its own
+OVERLAY_DEFAULTS = {}
+
+
 def defaults():
-    """The default configuration as a nested dict."""
-    return {s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}
+    """The default configuration as a nested dict (``many_blocks``: the
+    sparse overlay of :data:`OVERLAY_DEFAULTS`)."""
+    cfg = {s: {k: key.default for k, key in keys.items()} for s, keys in SCHEMA.items()}
+    cfg[OVERLAY] = {s: dict(keys) for s, keys in OVERLAY_DEFAULTS.items()}
+    return cfg
 
 
 def _check_known(section, key=None):
     if section not in SCHEMA:
-        raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(SCHEMA)}")
+        raise ConfigError(f"unknown section [{section}]; allowed: {', '.join(SCHEMA)}, "
+                          f"{OVERLAY}")
     if key is not None and key not in SCHEMA[section]:
         raise ConfigError(f"unknown key {section}.{key}; allowed in [{section}]: "
                           f"{', '.join(SCHEMA[section])}")
+
+
+def _check_overlay(section, key=None):
+    """Check a ``[many_blocks.<section>]`` table or key."""
+    where = f"{OVERLAY}.{section}" if key is None else f"{OVERLAY}.{section}.{key}"
+    if section not in OVERLAY_SECTIONS:
+        raise ConfigError(f"unknown section [{OVERLAY}.{section}]; allowed: "
+                          + ", ".join(f"[{OVERLAY}.{s}]" for s in OVERLAY_SECTIONS))
+    if key is None:
+        return
+    if key not in SCHEMA[section]:
+        raise ConfigError(f"unknown key {where}; allowed in [{OVERLAY}.{section}]: "
+                          f"{', '.join(k for k in SCHEMA[section] if (section, k) not in NOT_IN_OVERLAY)}")
+    if (section, key) in NOT_IN_OVERLAY:
+        raise ConfigError(f"{where} is not allowed: {section}.{key} decides the number of "
+                          f"blocks, so it cannot depend on it (set it in [{section}])")
 
 
 def merge(cfg, updates, origin):
@@ -234,6 +267,9 @@ def merge(cfg, updates, origin):
     ``origin`` names where the updates come from (for messages).
     """
     for section, keys in updates.items():
+        if section == OVERLAY:
+            _merge_overlay(cfg, keys, origin)
+            continue
         _check_known(section)
         if not isinstance(keys, dict):
             raise ConfigError(f"{origin}: {section} must be a section [{section}], "
@@ -244,32 +280,72 @@ def merge(cfg, updates, origin):
     return cfg
 
 
+def _merge_overlay(cfg, tables, origin):
+    """Merge ``{section: {key: value}}`` into ``cfg["many_blocks"]`` with checks."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{origin}: {OVERLAY} must hold tables such as "
+                          f"[{OVERLAY}.regression], not a value")
+    for section, keys in tables.items():
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{origin}: {OVERLAY}.{section} must be a section "
+                              f"[{OVERLAY}.<section>], not a value")
+        _check_overlay(section)
+        for key, value in keys.items():
+            _check_overlay(section, key)
+            cfg[OVERLAY].setdefault(section, {})[key] = SCHEMA[section][key].check(
+                f"{OVERLAY}.{section}.{key}", value)
+
+
 def parse_override(text):
-    """Parse ``section.key=value``; the value is read as TOML, else as a string.
+    """Parse ``section.key=value`` (or ``many_blocks.section.key=value``); the
+    value is read as TOML, else as a string.
 
     Returns
     -------
-    (section, key, value)
+    dict
+        ``{section: {key: value}}`` (or ``{"many_blocks": {section: {key: value}}}``).
     """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     name, raw = text.split("=", 1)
-    name = name.strip()
-    if name.count(".") != 1:
-        raise ConfigError(f"--set {text!r}: the name must be section.key "
-                          f"(sections: {', '.join(SCHEMA)})")
-    section, key = name.split(".")
-    _check_known(section, key)
+    parts = name.strip().split(".")
+    if parts[0] == OVERLAY:
+        if len(parts) != 3:
+            raise ConfigError(f"--set {text!r}: the name must be {OVERLAY}.section.key "
+                              f"(sections: {', '.join(OVERLAY_SECTIONS)})")
+        _check_overlay(*parts[1:])
+    elif len(parts) == 2:
+        _check_known(*parts)
+    else:
+        raise ConfigError(f"--set {text!r}: the name must be section.key or "
+                          f"{OVERLAY}.section.key (sections: {', '.join(SCHEMA)})")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return section, key, value
+    *outer, section, key = parts
+    update = {section: {key: value}}
+    return {OVERLAY: update} if outer else update
 
 
-def load(path=None, overrides=()):
-    """Defaults, then the TOML file ``path`` (optional), then ``overrides``.
+def blocks_of(cfg, ranks):
+    """The number of layer blocks ``pit`` forms on ``ranks`` ranks (0 for
+    other methods)."""
+    if cfg["train"]["method"] != "pit":
+        return 0
+    return ranks // cfg["train"]["data_parallel_size"]
+
+
+def overlay_applies(cfg, ranks):
+    """Whether the ``[many_blocks]`` values apply to this run on ``ranks`` ranks."""
+    return blocks_of(cfg, ranks) >= MANY_BLOCKS
+
+
+def load(path=None, overrides=(), ranks=None):
+    """Defaults, then the TOML file ``path`` (optional), then, for ``pit`` on
+    :data:`MANY_BLOCKS` blocks or more of ``ranks`` ranks, the
+    ``[many_blocks]`` values, then ``overrides``.
 
     Returns
     -------
@@ -289,11 +365,14 @@ def load(path=None, overrides=()):
             raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return loads(text, overrides, origin=path)
+    return loads(text, overrides, origin=path, ranks=ranks)
 
 
-def loads(text=None, overrides=(), origin="config"):
-    """Defaults, then the TOML ``text`` (optional), then ``overrides``."""
+def loads(text=None, overrides=(), origin="config", ranks=None):
+    """Defaults, then the TOML ``text`` (optional), then, with ``ranks``
+    given and ``pit`` on :data:`MANY_BLOCKS` blocks or more, the
+    ``[many_blocks]`` values, then ``overrides``.  Without ``ranks`` (a
+    saved run's config) the overlay is kept but not applied."""
     cfg = defaults()
     if text is not None:
         try:
@@ -301,9 +380,14 @@ def loads(text=None, overrides=(), origin="config"):
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{origin}: not valid TOML ({e})") from None
         merge(cfg, data, origin)
-    for item in overrides:
-        section, key, value = parse_override(item)
-        merge(cfg, {section: {key: value}}, "--set")
+    updates = [parse_override(item) for item in overrides]
+    for update in updates:
+        merge(cfg, update, "--set")
+    if ranks is not None and overlay_applies(cfg, ranks):
+        for section, keys in cfg[OVERLAY].items():
+            cfg[section].update(keys)
+        for update in updates:  # the command line wins
+            merge(cfg, update, "--set")
     return cfg
 
 
@@ -319,6 +403,12 @@ def to_toml(cfg):
     """The configuration as TOML text (round-trips through :func:`tomllib.loads`)."""
     lines = []
     for section, keys in cfg.items():
+        if section == OVERLAY:
+            for inner, values in keys.items():
+                lines.append(f"[{OVERLAY}.{inner}]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+                lines.append("")
+            continue
         lines.append(f"[{section}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in keys.items())
         lines.append("")
@@ -331,4 +421,12 @@ def describe():
     for section, keys in SCHEMA.items():
         for k, key in keys.items():
             rows.append(f"| `{section}.{k}` | `{_toml_value(key.default)}` | {key.allowed()} | {key.help} |")
+    for section, keys in OVERLAY_DEFAULTS.items():
+        for k, value in keys.items():
+            rows.append(f"| `{OVERLAY}.{section}.{k}` | `{_toml_value(value)}` | as "
+                        f"`{section}.{k}` | {section}.{k} for pit on {MANY_BLOCKS} blocks or "
+                        "more |")
+    rows.append(f"| `{OVERLAY}.<section>.<key>` | | as `<section>.<key>` | any key of "
+                + ", ".join(f"[{s}]" for s in OVERLAY_SECTIONS) + " but train.method and "
+                f"train.data_parallel_size, for pit on {MANY_BLOCKS} blocks or more |")
     return "\n".join(rows)

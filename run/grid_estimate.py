@@ -7,6 +7,8 @@ block's rows of each batch, the regression, the coarse phase spread over the
 run's epochs) and the predicted speed-up over serial.  A prediction: it
 leaves out messages and all-reduces, and machine noise.  Accuracy is not
 in it: pit's accuracy depends on B (measure it with ``train --emulate``).
+Each grid's configuration is resolved as its run resolves it: with the
+``[many_blocks]`` values where it has 4 blocks or more.
 
     python run/grid_estimate.py --config run/mnist.toml --layers 64 --ranks 16
 """
@@ -25,8 +27,12 @@ def grids(n_ranks):
     return [(n_ranks // d, d) for d in range(1, n_ranks + 1) if n_ranks % d == 0]
 
 
-def estimate(cfg, ds, n_ranks):
-    """Rows ``(name, blocks, replicas, seconds per epoch, speed-up)``."""
+def estimate(load, ds, n_ranks):
+    """Rows ``(name, blocks, replicas, seconds per epoch, speed-up)``.
+
+    ``load(replicas)`` gives the configuration of the run on the grid with
+    that many replicas (as ``train`` resolves it on ``n_ranks`` ranks)."""
+    cfg = load(1)
     net = build_network(cfg, ds)
     n = cfg["train"]["batch_size"]
     per_epoch = BatchSchedule(len(ds.y_train), n, cfg["train"]["seed"]).per_epoch
@@ -37,12 +43,12 @@ def estimate(cfg, ds, n_ranks):
     dp_rows = -(-n // n_ranks)
     dp = layer_costs(net, dp_rows).sum() * dp_rows / rate * per_epoch
     rows.append(("data-parallel", 1, n_ranks, dp, serial / dp))
-    co = cfg["coarse"]
     for blocks, replicas in grids(n_ranks):
         # as PitTrainer sets itself up on this grid: boundaries on multiples of c^(levels-1)
-        grid_cfg = dict(cfg, train=dict(cfg["train"], data_parallel_size=replicas))
-        coarse = two_level(grid_cfg, n_ranks)
-        step = boundary_step(grid_cfg, n_ranks)
+        cfg = load(replicas)
+        co = cfg["coarse"]
+        coarse = two_level(cfg, n_ranks)
+        step = boundary_step(cfg, n_ranks)
         if blocks > net.layers // max(step, co["factor"]):
             continue
         bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0
@@ -69,7 +75,9 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     overrides = list(args.set) + ([f"model.layers={args.layers}"] if args.layers else [])
-    cfg = config.load(args.config, overrides)
+    load = lambda replicas: config.load(
+        args.config, overrides + [f"train.data_parallel_size={replicas}"], ranks=args.ranks)
+    cfg = load(1)
     d = cfg["data"]
     ds = data.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"],
                    dtype=cfg["model"]["dtype"], features=False)
@@ -77,7 +85,7 @@ def main(argv=None):
           f"(a prediction: no messages, no all-reduces, no machine noise)\n")
     print("| run | blocks | replicas | s per epoch | predicted speed-up |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, b, r, sec, su in estimate(cfg, ds, args.ranks):
+    for name, b, r, sec, su in estimate(load, ds, args.ranks):
         print(f"| {name} | {b} | {r} | {sec:.3f} | {su:.2f} |")
 
 

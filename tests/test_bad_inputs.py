@@ -129,6 +129,24 @@ CASES = {
         x_test=np.random.default_rng(2).random((10, 1, 48, 48))),
         "--set", "model.kind=conv", "--set", "model.channels=2", "--set", "model.layers=4"],
         "the co-state regression at a boundary would hold"),
+    "many_blocks sets the method": (["--set", "many_blocks.train.method=serial"],
+                                    "many_blocks.train.method is not allowed: train.method "
+                                    "decides the number of blocks"),
+    "many_blocks sets the grid": (["--set", "many_blocks.train.data_parallel_size=2"],
+                                  "many_blocks.train.data_parallel_size is not allowed"),
+    "many_blocks sets the model": (["--set", "many_blocks.model.width=8"],
+                                   "unknown section [many_blocks.model]; allowed: "
+                                   "[many_blocks.train], [many_blocks.coarse]"),
+    "many_blocks key typo": (["--set", "many_blocks.regression.targt=relayed"],
+                             "unknown key many_blocks.regression.targt; allowed in "
+                             "[many_blocks.regression]: features"),
+    "many_blocks bad value": (["--set", "many_blocks.regression.target=exact"],
+                              "many_blocks.regression.target = 'exact' is not allowed; "
+                              "expected one of 'neighbour', 'relayed'"),
+    "many_blocks without a section": (["--set", "many_blocks.relay_every=2"],
+                                      "the name must be many_blocks.section.key"),
+    "many_blocks value as section": (lambda t: [text_file(t, "c.toml", "[many_blocks]\nx = 1\n")],
+                                     "many_blocks.x must be a section [many_blocks.<section>]"),
     "bool as int": (["--set", "output.progress=1"], "output.progress = 1 is not allowed; expected true or false"),
     "override without =": (["--set", "justtext"], "expected section.key=value"),
     "unknown dataset": (["--set", "data.name=cifar"], "data.name = 'cifar' is not allowed"),

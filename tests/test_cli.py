@@ -114,3 +114,30 @@ def test_several_ranks_share_the_cores_among_their_blas_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice stands
     assert share_cores(FourRanksHere(), log) is None
 
+
+
+def test_many_blocks_values_apply_from_4_pit_blocks_under_the_command_line(tmp_path):
+    """Defaults < file < [many_blocks] (package's, then the file's) < --set,
+    the overlay only for pit on 4 blocks or more; a saved config keeps the
+    resolved values and the overlay, and is not resolved again."""
+    toml = tmp_path / "c.toml"
+    toml.write_text("[regression]\ndelay = 1\nforgetting = 0.9\n"
+                    "[many_blocks.regression]\nforgetting = 0.95\ndelay = 0\n"
+                    "target = 'relayed'\nrelay_every = 4\n"
+                    "[many_blocks.coarse]\niterations = 1200\n")
+    few = config.load(toml, [], ranks=3)
+    assert few["regression"]["delay"] == 1 and few["regression"]["target"] == "neighbour"
+    assert few["regression"]["forgetting"] == 0.9 and few["coarse"]["iterations"] == 600
+    many = config.load(toml, ["regression.relay_every=2"], ranks=8)
+    assert many["regression"]["target"] == "relayed" and many["regression"]["delay"] == 0
+    assert many["regression"]["forgetting"] == 0.95 and many["coarse"]["iterations"] == 1200
+    assert many["regression"]["relay_every"] == 2  # --set wins over the overlay
+    for other in (["train.method=model-parallel"], ["train.data_parallel_size=4"]):
+        assert config.load(toml, other, ranks=8)["regression"]["target"] == "neighbour"
+    assert config.load(toml, ["train.data_parallel_size=2"], ranks=8)["regression"]["target"] == "relayed"
+    assert config.load(toml, ["many_blocks.regression.target=neighbour"],
+                       ranks=8)["regression"]["target"] == "neighbour"
+    assert config.load(None, [], ranks=8) == config.load(None, [])  # the package sets none
+    saved = config.loads(config.to_toml(many))
+    assert saved == many and config.loads(config.to_toml(few)) == few
+    assert saved["many_blocks"]["coarse"] == {"iterations": 1200}

@@ -105,8 +105,9 @@ def test_a_grid_under_mpiexec_gives_the_emulated_iterates(tmp_path, extra):
 def test_grid_estimate_lists_every_grid():
     from .conftest import run_script
     est = run_script("grid_estimate")
-    cfg = config.load(None, ["model.layers=64"])
-    rows = {name: (b, r, sec, su) for name, b, r, sec, su in est.estimate(cfg, SWISS, 4)}
+    load = lambda d: config.load(None, ["model.layers=64", f"train.data_parallel_size={d}"],
+                                 ranks=4)
+    rows = {name: (b, r, sec, su) for name, b, r, sec, su in est.estimate(load, SWISS, 4)}
     assert {"serial", "data-parallel", "pit 4x1", "pit 2x2", "pit 1x4", "model-parallel 2x2"} <= set(rows)
     assert rows["serial"][3] == 1.0
     # one block replicated on every rank is data-parallel's work
@@ -118,7 +119,7 @@ def test_grid_estimate_puts_boundaries_where_the_levels_do():
     from .conftest import run_script
     est = run_script("grid_estimate")
     names = lambda levels: {row[0] for row in est.estimate(
-        config.load(None, ["model.layers=16", f"coarse.levels={levels}"]), SWISS, 8)}
+        lambda d: config.load(None, ["model.layers=16", f"coarse.levels={levels}"]), SWISS, 8)}
     assert "pit 8x1" in names(2)  # boundaries on even layers: 8 blocks of 2
     assert "pit 8x1" not in names(3) and "pit 4x2" in names(3)  # on multiples of 4
 
