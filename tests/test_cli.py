@@ -137,7 +137,17 @@ def test_many_blocks_values_apply_from_4_pit_blocks_under_the_command_line(tmp_p
     assert config.load(toml, ["train.data_parallel_size=2"], ranks=8)["regression"]["target"] == "relayed"
     assert config.load(toml, ["many_blocks.regression.target=neighbour"],
                        ranks=8)["regression"]["target"] == "neighbour"
-    assert config.load(None, [], ranks=8) == config.load(None, [])  # the package sets none
     saved = config.loads(config.to_toml(many))
     assert saved == many and config.loads(config.to_toml(few)) == few
-    assert saved["many_blocks"]["coarse"] == {"iterations": 1200}
+    assert saved["many_blocks"]["coarse"]["iterations"] == 1200
+
+
+def test_the_package_many_blocks_values_are_relayed_damped_and_shared():
+    few, many = config.load(None, [], ranks=3), config.load(None, [], ranks=4)
+    assert (few["regression"]["target"], few["regression"]["damping"],
+            few["coarse"]["parallel"]) == ("neighbour", "none", "rank0")
+    assert (many["regression"]["target"], many["regression"]["relay_every"],
+            many["regression"]["delay"], many["regression"]["damping"],
+            many["coarse"]["parallel"]) == ("relayed", 4, 0, "error", "data-parallel")
+    assert {k: many[s][k] for s in ("model", "data", "train") for k in many[s]} == \
+        {k: few[s][k] for s in ("model", "data", "train") for k in few[s]}

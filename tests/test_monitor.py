@@ -382,13 +382,14 @@ def test_output_errors_start_from_the_coarse_model_and_follow_the_last_block():
         np.testing.assert_allclose(result.history["monitor_costate_rel"][0, r], rel, rtol=1e-10)
 
 
-@pytest.mark.parametrize("ranks, extra, hinted", [
-    (4, [], True),
-    (2, [], False),
-    (4, ["regression.target=relayed", "regression.delay=0"], False),
-    (4, ["train.data_parallel_size=2"], False),  # two blocks of two replicas
+@pytest.mark.parametrize("ranks, extra, applied, hinted", [
+    (4, [], True, False),  # the [many_blocks] values: relayed co-states
+    (4, ["regression.target=neighbour"], True, True),
+    (2, [], False, False),
+    (4, ["train.data_parallel_size=2"], False, False),  # two blocks of two replicas
 ])
-def test_many_blocks_with_neighbour_costates_get_a_hint(tmp_path, capsys, ranks, extra, hinted):
+def test_many_blocks_take_their_values_and_a_hint_without_relayed_costates(
+        tmp_path, capsys, ranks, extra, applied, hinted):
     argv = ["train", "--set", "model.layers=8", "--set", "coarse.iterations=4",
             "--set", "train.epochs=1", "--emulate", str(ranks), "--out", str(tmp_path / "h.h5")]
     for item in extra:
@@ -396,5 +397,7 @@ def test_many_blocks_with_neighbour_costates_get_a_hint(tmp_path, capsys, ranks,
     assert main(argv) == 0
     out = capsys.readouterr()
     text = out.out + out.err
+    assert ("the [many_blocks] values apply (regression.target = "
+            f"'{'neighbour' if hinted else 'relayed'}', regression.relay_every = 4" in text) == applied
     assert ("hint: pit on 4 blocks" in text) == hinted
-    assert ("docs/many-ranks.md" in text) == hinted
+    assert ("docs/many-ranks.md" in text) == applied
