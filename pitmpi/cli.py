@@ -155,9 +155,9 @@ def say_many_blocks(cfg, comm, log, resumed):
     (as resolved: a ``--set`` of the same key wins), and, where the run
     still learns from the neighbours' co-states, that its accuracy falls
     with the blocks."""
-    blocks = config_mod.blocks_of(cfg, comm.size)
-    if blocks < config_mod.MANY_BLOCKS:
+    if not config_mod.overlay_applies(cfg, comm.size):
         return
+    blocks = config_mod.blocks_of(cfg, comm.size)
     taken = ", ".join(f"{s}.{k} = {cfg[s][k]!r}"
                       for s, keys in cfg[config_mod.OVERLAY].items() for k in keys)
     if taken and not resumed:

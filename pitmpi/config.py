@@ -258,8 +258,9 @@ def _check_overlay(section, key=None):
     if key is None:
         return
     if key not in SCHEMA[section]:
+        allowed = [k for k in SCHEMA[section] if (section, k) not in NOT_IN_OVERLAY]
         raise ConfigError(f"unknown key {where}; allowed in [{OVERLAY}.{section}]: "
-                          f"{', '.join(k for k in SCHEMA[section] if (section, k) not in NOT_IN_OVERLAY)}")
+                          f"{', '.join(allowed)}")
     if (section, key) in NOT_IN_OVERLAY:
         raise ConfigError(f"{where} is not allowed: {section}.{key} decides the number of "
                           f"blocks, so it cannot depend on it (set it in [{section}])")

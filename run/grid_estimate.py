@@ -45,17 +45,17 @@ def estimate(load, ds, n_ranks):
     rows.append(("data-parallel", 1, n_ranks, dp, serial / dp))
     for blocks, replicas in grids(n_ranks):
         # as PitTrainer sets itself up on this grid: boundaries on multiples of c^(levels-1)
-        cfg = load(replicas)
-        co = cfg["coarse"]
-        coarse = two_level(cfg, n_ranks)
-        step = boundary_step(cfg, n_ranks)
+        grid_cfg = load(replicas)
+        co = grid_cfg["coarse"]
+        coarse = two_level(grid_cfg, n_ranks)
+        step = boundary_step(grid_cfg, n_ranks)
         if blocks > net.layers // max(step, co["factor"]):
             continue
-        bc = regression_cost(net, cfg, n) if blocks > 1 else 0.0
-        mf = relay_factor(cfg) if blocks > 2 else 0.0
+        bc = regression_cost(net, grid_cfg, n) if blocks > 1 else 0.0
+        mf = relay_factor(grid_cfg) if blocks > 2 else 0.0
         bounds = partition(layer_costs(net, n), blocks, step, bc, mf)
-        coarse_its = (cfg["coarse"]["iterations"] or per_epoch) if coarse else 0
-        est = critical_path(net, cfg, bounds, coarse_its, bc, mf, replicas)
+        coarse_its = (co["iterations"] or per_epoch) if coarse else 0
+        est = critical_path(net, grid_cfg, bounds, coarse_its, bc, mf, replicas)
         pit = est["iteration"] * per_epoch + est["coarse"] / epochs
         rows.append((f"pit {blocks}x{replicas}", blocks, replicas, pit, serial / pit))
         mp_rows = -(-n // replicas)
