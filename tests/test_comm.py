@@ -29,6 +29,45 @@ def test_split_groups_ranks_by_color_and_orders_them_by_key():
         assert chain_members == [replica, replica + 2, replica + 4]
 
 
+@pytest.mark.parametrize("size, shape", [(3, (7, 5)), (5, (3,)), (4, (2, 3, 4))])
+def test_emulated_allreduce_gives_every_rank_the_rank_ordered_sum(size, shape):
+    # sliced among the ranks (fewer elements than ranks included), the sum is
+    # still parts[0] + parts[1] + ... in rank order, to the bit, on every rank
+    def body(comm):
+        rng = np.random.default_rng(comm.rank)
+        buf = rng.standard_normal(shape).astype(np.float32)
+        fortran = np.asfortranarray(buf.astype(np.float64))
+        interleaved = np.zeros(shape + (2,))
+        interleaved[..., 0] = buf  # a strided view, summed in place
+        comm.allreduce_sum(buf)
+        comm.allreduce_sum(fortran)
+        comm.allreduce_sum(interleaved[..., 0])
+        return buf, fortran, interleaved
+
+    out = run_emulated(size, body)
+    parts = [np.random.default_rng(r).standard_normal(shape).astype(np.float32)
+             for r in range(size)]
+    expected = parts[0].copy()
+    for p in parts[1:]:
+        expected += p
+    expected64 = parts[0].astype(np.float64)
+    for p in parts[1:]:
+        expected64 += p
+    for buf, fortran, interleaved in out:
+        assert buf.tobytes() == expected.tobytes()
+        assert np.array_equal(fortran, expected64) and fortran.flags.f_contiguous
+        assert np.array_equal(interleaved[..., 0], expected64)
+        assert not interleaved[..., 1].any()
+
+
+def test_an_emulated_allreduce_of_unequal_buffers_fails_on_every_rank():
+    def body(comm):
+        comm.allreduce_sum(np.zeros(3 + comm.rank))
+
+    with pytest.raises(ValueError, match="differ in size or type"):
+        run_emulated(3, body, timeout=5.0)
+
+
 def test_a_split_communicators_messages_never_meet_the_parents():
     def body(comm):
         child = comm.dup()

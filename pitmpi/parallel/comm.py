@@ -307,6 +307,7 @@ class _ThreadWorld:
         self.lock = threading.Lock()
         self.boxes = {}
         self.slots = [None] * size
+        self.chunks = [None] * size
         self.barrier = threading.Barrier(size)
         self.job.add(self.barrier)
 
@@ -379,11 +380,27 @@ class ThreadComm(Comm):
         return out
 
     def _allreduce_sum(self, buf):
-        parts = self._exchange(np.array(buf, copy=True))
-        total = parts[0].copy()
+        # a reduce-scatter then an all-gather, as MPI's ring does: rank r sums
+        # the r-th slice of every rank's buffer (in rank order, so every rank
+        # gets the same bits) and copies the others' slices, P m work in all
+        # instead of P^2 m for every rank summing every buffer
+        w = self.world
+        w.sync()
+        w.slots[self.rank] = np.ascontiguousarray(buf).reshape(-1)  # read in place
+        w.sync()
+        parts = w.slots
+        if any(p.shape != parts[0].shape or p.dtype != parts[0].dtype for p in parts):
+            raise ValueError(f"emulated rank {self.rank}: allreduce of buffers that differ "
+                             "in size or type across ranks")
+        edges = np.linspace(0, parts[0].size, self.size + 1).round().astype(int)
+        mine = slice(edges[self.rank], edges[self.rank + 1])
+        chunk = parts[0][mine].copy()
         for p in parts[1:]:
-            total += p
-        buf[...] = total
+            chunk += p[mine]
+        w.chunks[self.rank] = chunk
+        w.sync()  # every slice summed: no rank reads a buffer any more
+        total = np.concatenate(w.chunks)
+        buf[...] = total.reshape(buf.shape)
         return buf
 
     def _bcast(self, obj, root):
