@@ -291,8 +291,9 @@ def emulate(args, world):
               "ranks >= 1", file=sys.stderr)
         return 2
     try:
-        return max(run_emulated(args.emulate, lambda comm: run(args, comm),
-                                timeout=EMULATED_TIMEOUT))
+        with data_mod.sharing():  # the ranks hold one copy of the data
+            return max(run_emulated(args.emulate, lambda comm: run(args, comm),
+                                    timeout=EMULATED_TIMEOUT))
     except EmulationAborted as e:  # a rank ended the job; it has said why
         return getattr(e, "code", 1)
 

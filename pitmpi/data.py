@@ -1,14 +1,18 @@
 """Datasets: Swiss roll, concentric ellipses, MNIST (IDX files), user ``.npz``.
 
 Every loader returns a :class:`Dataset` whose features are standardised with
-the *training* statistics.  Nothing is ever downloaded: MNIST is read from a
-directory the user names (``data.path`` or the environment variable
-``PITMPI_DATA``).
+the *training* statistics, its arrays read-only.  Nothing is ever downloaded:
+MNIST is read from a directory the user names (``data.path`` or the
+environment variable ``PITMPI_DATA``).  Within :func:`sharing` (the ranks of
+an emulated job, threads of one process), equal loads return one dataset.
 """
+import contextlib
+import dataclasses
 import gzip
 import hashlib
 import os
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -19,9 +23,9 @@ from .errors import DataError
 DATASETS = ("swissroll", "ellipses", "mnist", "npz")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dataset:
-    """Train and validation (or test) splits.
+    """Train and validation (or test) splits; the arrays are read-only.
 
     Attributes
     ----------
@@ -390,8 +394,21 @@ def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", fea
     standardised in ``dtype`` (the float64 values rounded once), or not at
     all with ``features=False`` (labels and sizes only: what a rank whose
     blocks never read the features needs; MNIST then reads only its label
-    files).
+    files).  Within :func:`sharing`, a load with the arguments of an earlier
+    one returns its dataset.
     """
+    loads = _Shared.loads
+    if loads is None:
+        return _load(name, path, seed, n_train, n_val, dtype, features)
+    key = (name, path, seed, n_train, n_val, np.dtype(dtype).str, features,
+           os.environ.get("PITMPI_DATA"))
+    with _Shared.loading:
+        if key not in loads:
+            loads[key] = _load(name, path, seed, n_train, n_val, dtype, features)
+        return loads[key]
+
+
+def _load(name, path, seed, n_train, n_val, dtype, features):
     dtype = np.dtype(dtype)
     if name == "swissroll":
         ds = swissroll(dtype=dtype, features=features)
@@ -403,12 +420,39 @@ def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", fea
         ds = npz(path, dtype=dtype, features=features)
     else:
         raise DataError(f"data.name = {name!r} is not a dataset; allowed: {', '.join(DATASETS)}")
+    cut = {}
     if n_train:
-        ds.y_train = ds.y_train[:n_train]
-        if ds.x_train is not None:
-            ds.x_train = ds.x_train[:n_train]
+        cut.update(y_train=ds.y_train[:n_train],
+                   x_train=None if ds.x_train is None else ds.x_train[:n_train])
     if n_val:
-        ds.y_val = ds.y_val[:n_val]
-        if ds.x_val is not None:
-            ds.x_val = ds.x_val[:n_val]
+        cut.update(y_val=ds.y_val[:n_val], x_val=None if ds.x_val is None else ds.x_val[:n_val])
+    ds = dataclasses.replace(ds, **cut)
+    for a in (ds.x_train, ds.y_train, ds.x_val, ds.y_val):
+        if a is not None:
+            a.flags.writeable = False
     return ds
+
+
+class _Shared:
+    """The loads of the :func:`sharing` scope now open, if any."""
+    lock = threading.Lock()  # opening and closing the scope
+    loading = threading.Lock()  # one load at a time within it
+    loads = None
+
+
+@contextlib.contextmanager
+def sharing():
+    """Within this scope :func:`load` keeps what it loads, and a load with the
+    same arguments (and ``$PITMPI_DATA``) returns the same read-only
+    :class:`Dataset` instead of reading it again: the ranks of an emulated job,
+    threads of one process, then hold one copy of the data, not one each.
+    Loads that run at once wait for one another."""
+    with _Shared.lock:
+        if _Shared.loads is not None:
+            raise RuntimeError("data.sharing() scopes do not nest")
+        _Shared.loads = {}
+    try:
+        yield
+    finally:
+        with _Shared.lock:
+            _Shared.loads = None

@@ -79,6 +79,46 @@ def test_labels_only_loads_no_features(name, request):
     assert labels.summary() == full.summary()
 
 
+def test_loaded_data_are_read_only():
+    ds = data.load("ellipses", n_train=50)
+    for a in (ds.x_train, ds.y_train, ds.x_val, ds.y_val):
+        with pytest.raises(ValueError, match="read-only"):
+            a[0] = 0
+    with pytest.raises(AttributeError):
+        ds.x_train = None
+
+
+def test_equal_loads_share_one_dataset_within_sharing_only(monkeypatch):
+    reads = []
+    real = data._load
+    monkeypatch.setattr(data, "_load", lambda *a: reads.append(a) or real(*a))
+    with data.sharing():
+        a = data.load("ellipses", n_train=50)
+        assert data.load("ellipses", n_train=50) is a
+        other = data.load("ellipses", n_train=50, seed=1)
+        assert other is not a and not np.array_equal(other.x_train, a.x_train)
+        labels = data.load("ellipses", n_train=50, features=False)
+        assert labels.x_train is None and a.x_train is not None
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with data.sharing():
+                pass
+    assert len(reads) == 3
+    assert data.load("ellipses", n_train=50) is not a  # the scope is closed
+    assert len(reads) == 4
+
+
+def test_an_emulated_job_reads_its_data_once(monkeypatch, tmp_path):
+    from pitmpi import cli
+    reads = []
+    real = data._load
+    monkeypatch.setattr(data, "_load", lambda *a: reads.append(a[-1]) or real(*a))
+    # data-parallel on 4 ranks: every rank reads the features
+    rc = cli.main(["train", "--set", "data.name=ellipses", "--set", "train.epochs=1",
+                   "--set", "train.method=data-parallel", "--emulate", "4", "--quiet",
+                   "--out", str(tmp_path / "dp.h5")])
+    assert rc == 0 and reads == [True]
+
+
 def test_labels_only_mnist_still_needs_the_image_files(mnist_path, tmp_path):
     copy_mnist(mnist_path, tmp_path)
     os.unlink(tmp_path / "train-images-idx3-ubyte.gz")
