@@ -159,7 +159,7 @@ def coarse_phase(comm, net, cfg, batches, x_train, y_train, bounds, log=None):
         if log is not None and (g + 1) % max(iterations // 4, 1) == 0:
             log.info("  coarse iteration %d/%d: batch loss %.4f", g + 1, iterations, loss)
     for reg in regs:
-        reg.merge(comm)
+        reg.merge(comm, refit=comm.rank == 0)  # rank 0 alone passes them on
     if comm.rank != 0:
         return None, None, None, None
     warm = warm_states(blocks, local, x_train, batches)

@@ -131,8 +131,8 @@ class CostateRegression:
         self.theta = np.zeros((self.groups, f, k))
         self._Y = np.zeros((self.state_width, k)) if self.rank else None  # Σ p pᵀ B since B was set
         self._Y_rows = 0
-        self._A = np.zeros((self.groups, f, f))  # refit workspace
-        self._A_diagonal = self._A.reshape(self.groups, -1)[:, ::f + 1]
+        self._A = None  # refit workspace, made by the first refit (a coarse phase's
+        self._A_diagonal = None  # regressions on ranks other than 0 never refit)
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
@@ -331,9 +331,10 @@ class CostateRegression:
                 self._fold(g, rows)
         held.release()
 
-    def merge(self, comm):
+    def merge(self, comm, refit=True):
         """Sum the normal equations of every rank's pairs (collective; every
-        rank has added the same number of batches, so the same ``scale``), then refit."""
+        rank has added the same number of batches, so the same ``scale``), then
+        refit (where ``refit``: a rank that only passes its pairs on need not)."""
         self.flush()
         if comm.size > 1:
             have = comm.allgather(self.basis is not None) if self.rank else ()
@@ -350,7 +351,8 @@ class CostateRegression:
                 self._Y_rows = int(sum(comm.allgather(self._Y_rows)))
             comm.allreduce_sum(self.GH)
             self.pairs = int(sum(comm.allgather(self.pairs)))
-        self.refit()
+        if refit:
+            self.refit()
 
     def refit(self, groups=None):
         """Solve ``(G_g + ρ_g I) Θ_g = H_g`` per group by Cholesky (LAPACK
@@ -360,6 +362,10 @@ class CostateRegression:
         if not len(groups):
             return self.theta
         self.flush(groups)
+        if self._A is None:
+            f = self.n_features
+            self._A = np.zeros((self.groups, f, f))
+            self._A_diagonal = self._A.reshape(self.groups, -1)[:, ::f + 1]
         A = self._A
         if len(groups) == self.groups:
             np.copyto(A, self.G)
