@@ -17,6 +17,7 @@ States enter and leave flattened, (n, op.size).
 import numpy as np
 
 from .activations import prescaled
+from .trajectory import Trajectory
 from .workspace import layers_per_chunk, scratch
 
 
@@ -25,24 +26,14 @@ def state_width(size):
     return size
 
 
-class EulerTrajectory:
+class EulerTrajectory(Trajectory):
     """States ``Y`` (m+1, n, *s) and activations ``S = σ(A)`` (m, n, *s),
     ``s = op.sample_shape``; with ``store=False`` only ``end`` (n, op.size)
     is kept and ``Y, S`` are None."""
 
     def __init__(self, end, Y=None, S=None):
-        self.end = end
-        self.Y = Y
+        super().__init__(end, Y)
         self.S = S
-
-    @property
-    def stored(self):
-        return self.Y is not None
-
-    @property
-    def output(self):
-        """The state at the block's right end, shape (n, op.size)."""
-        return self.end
 
 
 def forward(K, b, h, x, act, store=True, ws=None, *, op):

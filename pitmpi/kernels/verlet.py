@@ -23,6 +23,7 @@ the price of a second forward sweep.
 import numpy as np
 
 from .activations import prescaled
+from .trajectory import Trajectory
 from .workspace import layers_per_chunk, scratch
 
 
@@ -31,26 +32,17 @@ def state_width(size):
     return 2 * size
 
 
-class VerletTrajectory:
+class VerletTrajectory(Trajectory):
     """Stored sweep: ``Y, Z`` (m+1, n, *s), ``SA = σ(A)``, ``SB = σ(B)``
     (m, n, *s), ``s = op.sample_shape``.
 
-    With ``store=False`` only ``end`` (n, 2 op.size) is kept and the arrays
-    are None.
+    With ``store=False`` only ``end`` (n, 2 op.size), the state ``[Y, Z]``,
+    is kept and the arrays are None.
     """
 
     def __init__(self, end, Y=None, Z=None, SA=None, SB=None):
-        self.end = end
-        self.Y, self.Z, self.SA, self.SB = Y, Z, SA, SB
-
-    @property
-    def stored(self):
-        return self.Y is not None
-
-    @property
-    def output(self):
-        """The state ``[Y, Z]`` at the block's right end, shape (n, 2 op.size)."""
-        return self.end
+        super().__init__(end, Y)
+        self.Z, self.SA, self.SB = Z, SA, SB
 
 
 def halves(x, op):
