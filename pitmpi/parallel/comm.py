@@ -369,13 +369,15 @@ class ThreadComm(Comm):
         if request is not None:
             self._recv(*request)
 
-    def _exchange(self, obj):
+    def _exchange(self, obj, pick=lambda slots: slots):
+        """``pick`` of every rank's ``obj`` (by rank), deep-copied as a message
+        would be (no rank shares live arrays with another); only what is
+        picked is copied."""
         w = self.world
         w.sync()
         w.slots[self.rank] = obj
         w.sync()
-        # a deep copy, as a message would be: no rank shares live arrays with another
-        out = copy.deepcopy(w.slots)
+        out = copy.deepcopy(pick(w.slots))
         w.sync()
         return out
 
@@ -404,17 +406,16 @@ class ThreadComm(Comm):
         return buf
 
     def _bcast(self, obj, root):
-        return self._exchange(obj)[root]
+        return self._exchange(obj, lambda slots: slots[root])
 
     def _gather(self, obj, root):
-        out = self._exchange(obj)
-        return out if self.rank == root else None
+        return self._exchange(obj, lambda slots: slots if self.rank == root else None)
 
     def _allgather(self, obj):
         return self._exchange(obj)
 
     def _scatter(self, objs, root):
-        return self._exchange(objs)[root][self.rank]
+        return self._exchange(objs, lambda slots: slots[root][self.rank])
 
     def _barrier(self):
         self.world.sync()
