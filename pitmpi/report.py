@@ -272,7 +272,8 @@ def summarise(path, network=None):
                                      for k, _ in TIME_KINDS]
                     + [f"{t['rank_peak_memory'][r] / 2**20:.0f}" if "rank_peak_memory" in t else "-"])
     lines.append(f"  seconds per rank ({int(run.attrs.get('blas_threads', 1))} BLAS thread(s) each):")
-    lines.extend("    " + s for s in table([""] + [n for _, n in TIME_KINDS] + ["peak MiB"],
+    peak = "process peak MiB" if run.emulated else "peak MiB"  # threads share one process
+    lines.extend("    " + s for s in table([""] + [n for _, n in TIME_KINDS] + [peak],
                                            rows).splitlines())
     if "regression_rel" in h and h["regression_rel"].size:
         tail = h["regression_rel"][-min(100, len(h["regression_rel"])):]

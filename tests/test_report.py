@@ -41,6 +41,15 @@ def test_summary_of_one_file(sweep, capsys):
                  "partition [0,2), [2,4)", "validation", "rank 1", "comm wait", "regression",
                  "in the median epoch"):
         assert text in out, text
+    assert "process peak MiB" not in out
+
+
+def test_emulated_ranks_peak_memory_is_the_processes(tmp_path, capsys):
+    path = tmp_path / "emulated.h5"
+    assert train(2, path, 1) == [0, 0]
+    assert report([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "emulated rank(s)" in out and "process peak MiB" in out
 
 
 def test_comparison_has_speedups_against_serial_of_same_depth(sweep, capsys):
