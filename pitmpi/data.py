@@ -402,7 +402,7 @@ def load(name, path=None, seed=0, n_train=None, n_val=None, dtype="float64", fea
         return _load(name, path, seed, n_train, n_val, dtype, features)
     key = (name, path, seed, n_train, n_val, np.dtype(dtype).str, features,
            os.environ.get("PITMPI_DATA"))
-    with _Shared.loading:
+    with _Shared.lock:
         if key not in loads:
             loads[key] = _load(name, path, seed, n_train, n_val, dtype, features)
         return loads[key]
@@ -434,9 +434,9 @@ def _load(name, path, seed, n_train, n_val, dtype, features):
 
 
 class _Shared:
-    """The loads of the :func:`sharing` scope now open, if any."""
-    lock = threading.Lock()  # opening and closing the scope
-    loading = threading.Lock()  # one load at a time within it
+    """The loads of the :func:`sharing` scope now open, if any, and the lock
+    held to open or close it and for each load within it."""
+    lock = threading.Lock()
     loads = None
 
 

@@ -132,7 +132,7 @@ class CostateRegression:
         self._Y = np.zeros((self.state_width, k)) if self.rank else None  # Σ p pᵀ B since B was set
         self._Y_rows = 0
         self._A = None  # refit workspace, made by the first refit (a coarse phase's
-        self._A_diagonal = None  # regressions on ranks other than 0 never refit)
+        # regressions on ranks other than 0 never refit)
         self.scale = 1.0
         self.pairs = 0
         self.buffer_rows = int(buffer_rows)
@@ -362,18 +362,18 @@ class CostateRegression:
         if not len(groups):
             return self.theta
         self.flush(groups)
+        f = self.n_features
         if self._A is None:
-            f = self.n_features
             self._A = np.zeros((self.groups, f, f))
-            self._A_diagonal = self._A.reshape(self.groups, -1)[:, ::f + 1]
         A = self._A
+        diagonal = A.reshape(self.groups, -1)[:, ::f + 1]
         if len(groups) == self.groups:
             np.copyto(A, self.G)
         else:
             for g in groups:
                 A[g] = self.G[g]
-        scale = self._A_diagonal.sum(axis=1) / self.n_features
-        self._A_diagonal += self.ridge * scale[:, None]  # (the other groups' are not used)
+        scale = diagonal.sum(axis=1) / f
+        diagonal += self.ridge * scale[:, None]  # (the other groups' are not used)
         H = self.H
         for g in groups:
             if scale[g] <= 0:
