@@ -122,6 +122,11 @@ SCHEMA = {
                                             "block, which split each batch; the job's N ranks "
                                             "form N / data_parallel_size blocks (a layers x "
                                             "data grid)", minimum=1),
+        "max_blocks": Key("int", 0, "pit and model-parallel: at most this many layer blocks; "
+                                    "on more ranks the blocks get more replicas (the least "
+                                    "multiple of data_parallel_size that leaves ranks / "
+                                    "replicas <= max_blocks; 0: no limit; methods without "
+                                    "layer blocks ignore it)", minimum=0),
         "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
         "max_loss": Key("float", 100.0, "stop as diverged when a batch loss exceeds this "
                                         "(NaN or Inf anywhere always stops; 0: no loss limit)",
@@ -223,7 +228,7 @@ MANY_BLOCKS = 4
 OVERLAY = "many_blocks"
 # what [many_blocks] may set: not what decides the blocks, the data or the model
 OVERLAY_SECTIONS = ("train", "coarse", "regression", "monitor")
-NOT_IN_OVERLAY = {("train", "method"), ("train", "data_parallel_size")}
+NOT_IN_OVERLAY = {("train", "method"), ("train", "data_parallel_size"), ("train", "max_blocks")}
 # the package's [many_blocks]: what kept serial's accuracy on 4-16 blocks on both
 # the Swiss roll and MNIST (docs/many-ranks.md); a config file adds its own
 OVERLAY_DEFAULTS = {
@@ -334,12 +339,30 @@ def parse_override(text):
     return {OVERLAY: update} if outer else update
 
 
+# the methods that split the layers into blocks (the layers x data grid)
+BLOCK_METHODS = ("pit", "model-parallel")
+
+
+def replicas_of(cfg, ranks):
+    """``D``, the replicas of every layer block on ``ranks`` ranks:
+    ``train.data_parallel_size``, or with ``train.max_blocks = M > 0`` the
+    least multiple of it that divides ``ranks`` and leaves at most ``M``
+    blocks (``ranks`` itself at worst: one block).  The same for a
+    configuration that already holds the result, and for methods without
+    layer blocks ``train.data_parallel_size`` as it is."""
+    t = cfg["train"]
+    D, cap = t["data_parallel_size"], t["max_blocks"]
+    if not cap or t["method"] not in BLOCK_METHODS or ranks % D:
+        return D  # a D that does not divide the ranks is the layout's error
+    return next(d for d in range(D, ranks + 1, D) if ranks % d == 0 and ranks // d <= cap)
+
+
 def blocks_of(cfg, ranks):
     """The number of layer blocks ``pit`` forms on ``ranks`` ranks (0 for
     other methods)."""
     if cfg["train"]["method"] != "pit":
         return 0
-    return ranks // cfg["train"]["data_parallel_size"]
+    return ranks // replicas_of(cfg, ranks)
 
 
 def overlay_applies(cfg, ranks):
@@ -432,6 +455,6 @@ def describe():
                         f"`{section}.{k}` | {section}.{k} for pit on {MANY_BLOCKS} blocks or "
                         "more |")
     rows.append(f"| `{OVERLAY}.<section>.<key>` | | as `<section>.<key>` | any key of "
-                + ", ".join(f"[{s}]" for s in OVERLAY_SECTIONS) + " but train.method and "
-                f"train.data_parallel_size, for pit on {MANY_BLOCKS} blocks or more |")
+                + ", ".join(f"[{s}]" for s in OVERLAY_SECTIONS) + " but train.method, "
+                f"train.data_parallel_size and train.max_blocks, for pit on {MANY_BLOCKS} blocks or more |")
     return "\n".join(rows)

@@ -101,6 +101,12 @@ CASES = {
                                        "model.layers = 16 cannot be split into 2 blocks on the "
                                        "coarse grid (multiples of coarse.factor ** (coarse.levels"
                                        " - 1) = 2 ** 4 = 16)"),
+    "negative block cap": (["--set", "train.max_blocks=-1"],
+                           "train.max_blocks = -1 is not allowed; expected an integer >= 0"),
+    "block cap leaving replicas wider than a batch": (
+        ["--set", "train.max_blocks=1", "--set", "train.batch_size=1"],
+        "train.max_blocks = 1 on 2 ranks makes 2 replicas of each block, more than "
+        "train.batch_size = 1"),
     "zero replicas": (["--set", "train.data_parallel_size=0"],
                       "train.data_parallel_size = 0 is not allowed; expected an integer >= 1"),
     "label smoothing above a half": (["--set", "train.label_smoothing=0.6"],
@@ -134,6 +140,9 @@ CASES = {
                                     "decides the number of blocks"),
     "many_blocks sets the grid": (["--set", "many_blocks.train.data_parallel_size=2"],
                                   "many_blocks.train.data_parallel_size is not allowed"),
+    "many_blocks caps the blocks": (["--set", "many_blocks.train.max_blocks=2"],
+                                    "many_blocks.train.max_blocks is not allowed: "
+                                    "train.max_blocks decides the number of blocks"),
     "many_blocks sets the model": (["--set", "many_blocks.model.width=8"],
                                    "unknown section [many_blocks.model]; allowed: "
                                    "[many_blocks.train], [many_blocks.coarse]"),

@@ -44,6 +44,33 @@ def test_pit_on_a_grid_gives_the_iterates_of_its_blocks_alone(blocks, replicas, 
     assert grid.extra["partition"].shape == (blocks, 2)
 
 
+@pytest.mark.parametrize("ranks,replicas,cap,want", [
+    (16, 1, 4, 4), (8, 1, 4, 2), (4, 1, 4, 1), (2, 1, 4, 1), (12, 1, 4, 3), (6, 1, 4, 2),
+    (7, 1, 4, 7), (16, 2, 4, 4), (16, 2, 3, 8), (8, 2, 0, 2), (8, 1, 1, 8), (16, 1, 0, 1)])
+def test_max_blocks_picks_the_least_replicas_that_keep_the_blocks_under_it(ranks, replicas, cap,
+                                                                           want):
+    cfg = config.load(None, [f"train.data_parallel_size={replicas}", f"train.max_blocks={cap}"])
+    assert config.replicas_of(cfg, ranks) == want
+    resolved = config.load(None, [f"train.data_parallel_size={want}", f"train.max_blocks={cap}"])
+    assert config.replicas_of(resolved, ranks) == want  # the same once resolved
+    for method in ("serial", "data-parallel"):
+        other = config.load(None, [f"train.method={method}", f"train.max_blocks={cap}"])
+        assert config.replicas_of(other, ranks) == 1  # no layer blocks to cap
+
+
+def test_max_blocks_runs_the_grid_it_picks_and_decides_the_many_blocks_values():
+    capped = train(8, ["train.method=pit", "train.max_blocks=2"])
+    grid = train(8, ["train.method=pit", "train.data_parallel_size=4"])
+    for k in grid.params:
+        np.testing.assert_array_equal(capped.params[k], grid.params[k], err_msg=k)
+    assert capped.attrs["blocks"] == 2 and capped.attrs["data_parallel_size"] == 4
+    overlay = "[many_blocks.regression]\nforgetting = 0.95\n"
+    take = lambda ranks, cap: config.loads(overlay, [f"train.max_blocks={cap}"],
+                                           ranks=ranks)["regression"]["forgetting"]
+    assert take(16, 4) == 0.95 and take(8, 4) == 0.95  # 4 blocks x 4 and x 2
+    assert take(16, 3) != 0.95 and take(8, 2) != 0.95  # 2 blocks x 8 and x 4
+
+
 @pytest.mark.parametrize("blocks,replicas", [(2, 2), (3, 2), (1, 3)])
 def test_model_parallel_on_a_grid_equals_serial(blocks, replicas):
     serial = train(1, ["train.method=serial"])

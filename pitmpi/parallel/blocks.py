@@ -7,6 +7,7 @@ parameters are gathered on rank 0 at the end.
 """
 import numpy as np
 
+from ..config import replicas_of
 from ..kernels import score_stats
 from ..model import join_blocks
 from .comm import COSTATE_TAG, STATE_TAG, batch_tag
@@ -71,7 +72,7 @@ class BlockTrainer(Trainer):
     @classmethod
     def reads_features(cls, cfg, rank, size):
         # the opening layer's replicas; evaluation pipes the states on
-        return rank < cfg["train"]["data_parallel_size"]
+        return rank < replicas_of(cfg, size)
 
     def middle_cost(self, cfg):
         """Extra cost of blocks 1..N−2, a fraction of their layers' (see partition)."""
@@ -101,7 +102,12 @@ class BlockTrainer(Trainer):
     def log_partition(self):
         lines = describe(self.bounds, self.costs, self.boundary_cost, self.middle_factor)
         if self.layout.replicas > 1:
-            lines = [line.replace("rank ", "block ", 1) for line in lines] + self.layout.describe()
+            t, lay = self.cfg["train"], self.layout
+            why = (f" (train.max_blocks = {t['max_blocks']})"
+                   if lay.replicas != t["data_parallel_size"] else "")
+            lines = ([f"{lay.world.size} ranks as {lay.blocks} layer block(s) x {lay.replicas} "
+                      f"replicas{why}"]
+                     + [line.replace("rank ", "block ", 1) for line in lines] + lay.describe())
         for line in lines:
             self.log.info("  %s", line)
 

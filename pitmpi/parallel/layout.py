@@ -8,6 +8,7 @@ block ``q // D``.  With ``D = 1`` every rank is a block and the chain is the
 job's communicator itself (today's layout); with ``B = 1`` it is
 data-parallel over whole networks.
 """
+from ..config import replicas_of
 from ..errors import ConfigError
 from .comm import LoneComm
 from .data_parallel import share
@@ -58,9 +59,16 @@ class Layout:
 
     @classmethod
     def from_config(cls, world, cfg):
-        """The layout of ``cfg['train']['data_parallel_size']`` on ``world``."""
+        """The layout of ``cfg['train']['data_parallel_size']`` and
+        ``['max_blocks']`` on ``world`` (:func:`pitmpi.config.replicas_of`)."""
         t = cfg["train"]
-        return cls(world, t["data_parallel_size"], t["batch_size"])
+        D = replicas_of(cfg, world.size)
+        if D != t["data_parallel_size"] and D > t["batch_size"]:
+            raise ConfigError(f"train.max_blocks = {t['max_blocks']} on {world.size} ranks makes "
+                              f"{D} replicas of each block, more than train.batch_size = "
+                              f"{t['batch_size']}: every replica needs rows of each batch (raise "
+                              "train.max_blocks or train.batch_size)")
+        return cls(world, D, t["batch_size"])
 
     def rows(self, n, replica=None):
         """The contiguous share of ``n`` rows of this replica (or of ``replica``), a slice."""

@@ -29,6 +29,7 @@ from collections import deque
 
 import numpy as np
 
+from ..config import replicas_of
 from ..errors import ConfigError
 from .blocks import BlockTrainer
 from .coarse import check_coarse_loss, coarse_phase, prolong, warm_states
@@ -42,7 +43,7 @@ from .regression import CostateRegression, WithOutputErrors, prediction_errors, 
 def two_level(cfg, size):
     """Whether a ``pit`` job of ``size`` ranks has the coarse phase (it has
     more than one layer block)."""
-    return cfg["coarse"]["levels"] >= 2 and size // cfg["train"]["data_parallel_size"] > 1
+    return cfg["coarse"]["levels"] >= 2 and size // replicas_of(cfg, size) > 1
 
 
 def boundary_step(cfg, size):
@@ -184,7 +185,7 @@ class PitTrainer(BlockTrainer):
     @classmethod
     def reads_features(cls, cfg, rank, size):
         # block 0's replicas; with the coarse phase shared every rank takes rows of each batch
-        return rank < cfg["train"]["data_parallel_size"] or shared_coarse(cfg, size)
+        return rank < replicas_of(cfg, size) or shared_coarse(cfg, size)
 
     def middle_cost(self, cfg):
         return relay_factor(cfg)

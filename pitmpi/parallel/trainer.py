@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import BLOCK_METHODS
 from ..errors import ConfigError, Diverged
 from ..model import ResNet
 from ..optim import BatchSchedule, Schedule
@@ -127,7 +128,7 @@ class Trainer:
         self.y_val = data.y_val
         self.seconds = {"regression": 0.0, "coarse": 0.0, "monitor": 0.0}
         self.monitor = None  # pit's exact-co-state monitor (monitor.every), set by the method
-        if t["data_parallel_size"] > 1 and self.method not in ("pit", "model-parallel"):
+        if t["data_parallel_size"] > 1 and self.method not in BLOCK_METHODS:
             raise ConfigError(f"train.data_parallel_size = {t['data_parallel_size']} makes a "
                               f"layers x data grid for pit and model-parallel; train.method = "
                               f"{self.method!r} has no layer blocks (data-parallel splits every "
