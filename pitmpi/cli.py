@@ -170,7 +170,8 @@ def say_many_blocks(cfg, comm, log, resumed):
              "yours with --emulate and monitor.every; the options that kept serial's accuracy "
              "on 4-16 blocks (regression.target = 'relayed', regression.damping = 'error', a "
              "longer coarse phase shared by all ranks, coarse.levels = 3 or 4, fewer blocks "
-             "replicated on the ranks by train.data_parallel_size) are in docs/many-ranks.md",
+             "replicated on the ranks by train.max_blocks or train.data_parallel_size) are in "
+             "docs/many-ranks.md",
              blocks, cfg["regression"]["target"])
 
 

@@ -11,7 +11,9 @@ summary (``summary.md`` in the output folder) of medians with min–max:
         --ranks 2 --repeats 3 --set train.epochs=10 --out results/bench-swissroll
 
 ``pit-1level`` is ``pit`` with ``coarse.levels=1``; ``pit-grid2`` (4, 8) is
-``pit`` on a layers × data grid of 2 (4, 8) replicas per block;
+``pit`` on a layers × data grid of 2 (4, 8) replicas per block (``pit`` takes
+the config's grid: ``run/swissroll.toml`` caps it at 4 blocks with
+``train.max_blocks``, ``--set train.max_blocks=0`` lifts the cap);
 ``serial-allcores`` is
 ``serial`` with as many BLAS threads as cores (the baseline nobody can call
 starved).  The files are ordinary output files: ``python -m pitmpi report
@@ -54,12 +56,14 @@ import numpy as np
 from pitmpi.report import SLOW_EPOCH, load
 
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
-           "data-parallel": ("data-parallel", []), "model-parallel": ("model-parallel", []),
+           "data-parallel": ("data-parallel", []),
+           "model-parallel": ("model-parallel", ["train.max_blocks=0"]),
            "pit": ("pit", []), "pit-1level": ("pit", ["coarse.levels=1"])}
-# layers x data grids: pit-gridD and model-parallel-gridD, D replicas of every block
+# layers x data grids: pit-gridD and model-parallel-gridD, exactly D replicas of every block
+# (whatever train.max_blocks the config sets; plain pit keeps the config's)
 for _d in (2, 4, 8):
-    METHODS[f"pit-grid{_d}"] = ("pit", [f"train.data_parallel_size={_d}"])
-    METHODS[f"model-parallel-grid{_d}"] = ("model-parallel", [f"train.data_parallel_size={_d}"])
+    for _m in ("pit", "model-parallel"):
+        METHODS[f"{_m}-grid{_d}"] = (_m, [f"train.data_parallel_size={_d}", "train.max_blocks=0"])
 
 
 def probe_workload():

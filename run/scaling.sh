@@ -13,10 +13,12 @@
 # records the lockstep ceiling of each rank count's cores (run/pace.py,
 # pace-nN.txt, PACE_SECONDS each; 0 skips): how much any method whose ranks
 # wait for each other loses to cores that change speed independently.  Needs
-# as many cores as the largest rank count.  From 4 ranks on, pit takes the
+# as many cores as the largest rank count.  From 4 blocks on, pit takes the
 # config's [many_blocks] values (relayed co-states, more coarse levels:
-# docs/configuration.md), which cost_model.py does not model: compare those
-# runs with the critical path that `report` prints for each (pit-per-rank.md).
+# docs/configuration.md), and run/swissroll.toml caps pit at 4 blocks
+# (train.max_blocks: 8 ranks run 4 x 2, 16 ranks 4 x 4), which cost_model.py
+# does not model: compare those runs with the critical path that `report`
+# prints for each (pit-per-rank.md).
 set -euo pipefail
 out=${1:?usage: run/scaling.sh OUTDIR}
 layers=${LAYERS:-64 256}
