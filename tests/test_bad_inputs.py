@@ -100,7 +100,9 @@ CASES = {
     "too many levels for the blocks": (["--set", "coarse.levels=5", "--set", "model.layers=16"],
                                        "model.layers = 16 cannot be split into 2 blocks on the "
                                        "coarse grid (multiples of coarse.factor ** (coarse.levels"
-                                       " - 1) = 2 ** 4 = 16)"),
+                                       " - 1) = 2 ** 4 = 16); use at least 32 layers, fewer "
+                                       "blocks (fewer ranks, or train.max_blocks) or fewer "
+                                       "coarse.levels"),
     "negative block cap": (["--set", "train.max_blocks=-1"],
                            "train.max_blocks = -1 is not allowed; expected an integer >= 0"),
     "block cap leaving replicas wider than a batch": (

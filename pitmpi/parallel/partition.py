@@ -157,9 +157,10 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0, grid_n
     cells = L // grid
     if cells < ranks:
         need = ranks * grid
+        fewer = " or fewer coarse.levels" if "coarse.levels" in grid_name else ""
         raise ConfigError(f"model.layers = {L} cannot be split into {ranks} blocks on the coarse "
-                          f"grid (multiples of {grid_name}); use at least {need} layers or "
-                          "fewer ranks")
+                          f"grid (multiples of {grid_name}); use at least {need} layers, "
+                          f"fewer blocks (fewer ranks, or train.max_blocks){fewer}")
     cell_costs = costs.reshape(cells, grid).sum(axis=1)
     # the smallest bottleneck (largest block cost) any split into `ranks` blocks
     # can have, by bisection on a greedy feasibility check; then the greedy split
