@@ -151,3 +151,15 @@ def test_the_package_many_blocks_values_are_relayed_damped_and_shared():
             many["coarse"]["parallel"]) == ("relayed", 4, 0, "error", "data-parallel")
     assert {k: many[s][k] for s in ("model", "data", "train") for k in many[s]} == \
         {k: few[s][k] for s in ("model", "data", "train") for k in few[s]}
+
+
+@pytest.mark.parametrize("ranks,replicas,levels", [(2, 1, 2), (4, 1, 4), (8, 2, 4), (16, 4, 4),
+                                                   (12, 3, 4), (6, 2, 2)])
+def test_the_shipped_swiss_roll_runs_at_most_four_blocks(ranks, replicas, levels):
+    """run/swissroll.toml: 4 blocks at most, replicated on the other ranks, and
+    from 4 blocks on four coarse levels (3 blocks take no [many_blocks] values)."""
+    cfg = config.load(REPO / "run" / "swissroll.toml", [], ranks=ranks)
+    assert config.replicas_of(cfg, ranks) == replicas
+    assert cfg["coarse"]["levels"] == levels
+    lifted = config.load(REPO / "run" / "swissroll.toml", ["train.max_blocks=0"], ranks=ranks)
+    assert config.replicas_of(lifted, ranks) == 1
