@@ -75,9 +75,12 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     overrides = list(args.set) + ([f"model.layers={args.layers}"] if args.layers else [])
+    # every grid as named, whatever train.max_blocks the config sets
     load = lambda replicas: config.load(
-        args.config, overrides + [f"train.data_parallel_size={replicas}"], ranks=args.ranks)
+        args.config, overrides + [f"train.data_parallel_size={replicas}", "train.max_blocks=0"],
+        ranks=args.ranks)
     cfg = load(1)
+    own = config.load(args.config, overrides, ranks=args.ranks)
     d = cfg["data"]
     ds = data.load(d["name"], d["path"], seed=d["seed"], n_train=d["n_train"], n_val=d["n_val"],
                    dtype=cfg["model"]["dtype"], features=False)
@@ -87,6 +90,10 @@ def main(argv=None):
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, b, r, sec, su in estimate(load, ds, args.ranks):
         print(f"| {name} | {b} | {r} | {sec:.3f} | {su:.2f} |")
+    if own["train"]["max_blocks"]:
+        d = config.replicas_of(own, args.ranks)
+        print(f"\nthe config's own pit grid on {args.ranks} ranks: {args.ranks // d}x{d} "
+              f"(train.max_blocks = {own['train']['max_blocks']})")
 
 
 if __name__ == "__main__":

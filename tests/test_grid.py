@@ -142,6 +142,25 @@ def test_grid_estimate_lists_every_grid():
     assert rows["pit 2x2"][3] > 1.0 and rows["model-parallel 4x1"][3] == pytest.approx(1.0)
 
 
+def test_grid_estimate_lists_every_grid_of_a_capped_config_and_names_its_own(capsys, tmp_path):
+    """Each row is its grid as named: the same as from the file without the
+    cap (6 ranks: the cap of 4 would make 6 x 1 a 3 x 2 without [many_blocks])."""
+    from .conftest import run_script
+    script = run_script("grid_estimate")
+    shipped = REPO / "run" / "swissroll.toml"
+    uncapped = tmp_path / "uncapped.toml"
+    uncapped.write_text(shipped.read_text().replace("max_blocks = 4", ""))
+    rows = {}
+    for path in (shipped, uncapped):
+        script.main(["--config", str(path), "--layers", "256", "--ranks", "6"])
+        rows[path] = capsys.readouterr().out
+    table = lambda out: [line for line in out.splitlines() if line.startswith("| pit")]
+    assert "| pit 6x1 | 6 | 1 |" in rows[shipped]
+    assert table(rows[shipped]) == table(rows[uncapped])
+    assert "the config's own pit grid on 6 ranks: 3x2 (train.max_blocks = 4)" in rows[shipped]
+    assert "own pit grid" not in rows[uncapped]
+
+
 def test_grid_estimate_puts_boundaries_where_the_levels_do():
     from .conftest import run_script
     est = run_script("grid_estimate")
