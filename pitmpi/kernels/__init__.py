@@ -2,7 +2,8 @@
 
 ``SCHEMES`` maps a scheme name to its module, each offering ``state_width``,
 ``forward(K, b, h, x, act, store, ws, op)`` and ``backward(K, b, h, traj,
-lam, act, gK, gb, ws, op)`` on a contiguous block of layers (``ws``: an
+lam, act, gK, gb, ws, op)`` on a contiguous block of layers (``gK, gb``
+None: the co-state only, without the weight gradients; ``ws``: an
 optional :class:`Workspace` of scratch arrays reused between calls; ``op``:
 the layers' linear map, :class:`Dense` or :class:`Conv`).
 """

@@ -97,10 +97,11 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None, *, op):
     lam : ndarray, shape (n, op.size)
         Co-state ``Λ`` at the block's right end (not modified).
     act : Activation
-    gK : ndarray, shape of ``K``
-        Overwritten with ``∇K`` (weight decay not included).
-    gb : ndarray, shape (m,) + op.bias_shape
-        Overwritten with ``∇b``.
+    gK : ndarray, shape of ``K``, or None
+        Overwritten with ``∇K`` (weight decay not included); None: the
+        co-state only (one product a layer instead of two).
+    gb : ndarray, shape (m,) + op.bias_shape, or None
+        Overwritten with ``∇b`` (None with ``gK``).
     ws : Workspace, optional
         Scratch arrays reused between calls.
     op : Dense or Conv
@@ -125,17 +126,21 @@ def backward(K, h, traj, lam, act, gK, gb, ws=None, *, op):
     c = layers_per_chunk(m, n * op.size * dt.itemsize)
     D = scratch(ws, "D", (c,) + shape, dt)
     hK = np.multiply(K, h, out=scratch(ws, "hK", K.shape, dt))
+    fused = op.grads_with_products and gK is not None
     for hi in range(m, 0, -c):
         lo = max(hi - c, 0)
         d = act.derivative(traj.S[lo:hi], D[:hi - lo])
         for i in range(hi - lo - 1, -1, -1):
             d[i] *= lam
-            grad = (traj.Y[lo + i], gK[lo + i]) if op.grads_with_products else None
+            grad = (traj.Y[lo + i], gK[lo + i]) if fused else None
             op.apply_t(d[i], hK[lo + i], tmp, ws, grad)
             lam += tmp
-        if not op.grads_with_products:
+        if gK is None:
+            continue
+        if not fused:
             op.weight_grads(d, traj.Y[lo:hi], gK[lo:hi], ws)
         op.bias_grads(d, gb[lo:hi])
-    gK *= h
-    gb *= h
+    if gK is not None:
+        gK *= h
+        gb *= h
     return lam.reshape(n, op.size)

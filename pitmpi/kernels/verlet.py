@@ -142,10 +142,11 @@ def backward(K, b, h, traj, lam, act, gK, gb, ws=None, *, op):
     lam : ndarray, shape (n, 2 op.size)
         Co-state ``[Λ^Y, Λ^Z]`` at the block's right end (not modified).
     act : Activation
-    gK : ndarray, shape of ``K``
-        Overwritten with ``∇K`` (weight decay not included).
-    gb : ndarray, shape of ``b``
-        Overwritten with ``∇b``.
+    gK : ndarray, shape of ``K``, or None
+        Overwritten with ``∇K`` (weight decay not included); None: the
+        co-state only (two products a layer instead of four).
+    gb : ndarray, shape of ``b``, or None
+        Overwritten with ``∇b`` (None with ``gK``).
     ws : Workspace, optional
         Scratch arrays reused between calls.
     op : Dense or Conv
@@ -177,8 +178,9 @@ def _adjoint_stored(K, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op):
         lo = max(hi - bufs.c, 0)
         bufs.adjoint(lo, hi, traj.Y[lo:hi + 1], traj.Z[lo:hi + 1], traj.SA[lo:hi],
                      traj.SB[lo:hi], act, lamY, lamZ, tmp, gK, gb)
-    gK *= h
-    gb *= h
+    if gK is not None:
+        gK *= h
+        gb *= h
 
 
 def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op):
@@ -197,8 +199,9 @@ def _adjoint_rebuilt(K, b, h, traj, act, lamY, lamZ, tmp, gK, gb, ws, op):
     with np.errstate(over="ignore"):
         _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK,
                            gb, op, ws)
-    gK *= h
-    gb *= h
+    if gK is not None:
+        gK *= h
+        gb *= h
 
 
 def _rebuild_and_sweep(K, Ks, bs, h, act, factor, bufs, Y, Z, SA, SB, lamY, lamZ, tmp, gK, gb,
@@ -250,14 +253,15 @@ class _ChunkBuffers:
         Only the co-state recursion is sequential: ``σ'`` of the whole chunk
         first, then the recursion keeping each layer's ``E, F`` (six NumPy
         calls a layer), then the chunk's weight gradients in batched
-        products; ``gK, gb`` get them without the factor ``h``.
+        products; ``gK, gb`` get them without the factor ``h`` (None: the
+        co-states only).
         """
         k = hi - lo
         e, f, g = self.E[:k], self.F[:k], self.G[:k]
         act.derivative(SB, e)
         act.derivative(SA, f)
         hK, op, ws = self.hK, self.op, self.ws
-        fused = op.grads_with_products
+        fused = op.grads_with_products and gK is not None
         for i in range(k - 1, -1, -1):
             e[i] *= lamY
             op.apply_t(e[i], hK[lo + i], tmp, ws, (Z[i + 1], gK[lo + i]) if fused else None)
@@ -265,6 +269,8 @@ class _ChunkBuffers:
             f[i] *= lamZ
             op.apply(f[i], hK[lo + i], tmp, ws, (Y[i], g[i]) if fused else None)
             lamY -= tmp
+        if gK is None:
+            return
         # ∇K[j] = h (E_jᵀ Z_{j+1} − Y_jᵀ F_j),  ∇b[j] = h 1ᵀ(E_j − F_j) (dense)
         if not fused:
             op.weight_grads(e, Z[1:], gK[lo:hi], ws)

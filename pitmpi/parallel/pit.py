@@ -474,7 +474,7 @@ class PitTrainer(BlockTrainer):
             return self.lam_pack
         ctx = self.relay_block.forward(self.params, entry[0])
         self.lam_pack[1], _, _ = self.relay_block.backward(self.params, ctx,
-                                                           lam_out=self.lam_right[1])
+                                                           lam_out=self.lam_right[1], grads=False)
         return self.lam_pack
 
     def learn_relayed(self, k):
