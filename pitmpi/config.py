@@ -174,7 +174,8 @@ SCHEMA = {
                                           "exact co-state, relayed back block by block along "
                                           "the batch's kept states (relayed; 2(N-r)-3 "
                                           "iterations late at rank r, one more forward and "
-                                          "backward per iteration on ranks 1..N-2)",
+                                          "co-state-only backward per iteration on ranks "
+                                          "1..N-2)",
                        choices=("neighbour", "relayed")),
         "relay_every": Key("int", 1, "with target = 'relayed': relay the exact co-states of "
                                      "every k-th batch only (the extra sweep's cost divided by "

@@ -52,7 +52,7 @@ def estimate(load, ds, n_ranks):
         if blocks > net.layers // max(step, co["factor"]):
             continue
         bc = regression_cost(net, grid_cfg, n) if blocks > 1 else 0.0
-        mf = relay_factor(grid_cfg) if blocks > 2 else 0.0
+        mf = relay_factor(grid_cfg, net) if blocks > 2 else 0.0
         bounds = partition(layer_costs(net, n), blocks, step, bc, mf)
         coarse_its = (co["iterations"] or per_epoch) if coarse else 0
         est = critical_path(net, grid_cfg, bounds, coarse_its, bc, mf, replicas)

@@ -279,6 +279,23 @@ def test_critical_path_and_the_relay_in_the_partition():
     assert critical_path(net, cfg, relayed, 600, middle_factor=1.0)["iteration"] > est["iteration"]
 
 
+@pytest.mark.parametrize("scheme, width, dtype", [("euler", 256, "float32"), ("verlet", 16, "float64")])
+def test_the_relay_is_priced_as_a_forward_and_a_costate_only_adjoint(scheme, width, dtype):
+    from pitmpi.model import ResNet
+    from pitmpi.parallel.partition import layer_costs, ode_layer_cost
+    from pitmpi.parallel.pit import relay_factor
+    net = ResNet(scheme, 784, width, 16, 10, T=3.0, dtype=dtype)
+    full, costate = ode_layer_cost(net, 128), ode_layer_cost(net, 128, grads=False)
+    assert layer_costs(net, 128)[5] == full
+    # one product of Euler's three (two of Verlet's six) and the batched
+    # gradients' calls left out: more than two thirds of the layer, less than all
+    assert 2 / 3 * full < costate < full
+    cfg = config.load(None, ["train.batch_size=128", "regression.target=relayed",
+                             "regression.relay_every=4"])
+    assert relay_factor(cfg, net) == pytest.approx(costate / full / 4)
+    assert relay_factor(config.load(None, []), net) == 0.0
+
+
 def test_emulated_divergence_exits_with_its_code(tmp_path, capsys):
     out = tmp_path / "d.h5"
     # the last rank's batch loss is over the limit at once; rank 0 is stopped by its abort

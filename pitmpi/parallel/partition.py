@@ -52,6 +52,9 @@ ACTIVATION_COST = {("tanh", "float32"): 120.0, ("tanh", "float64"): 400.0,
 MATMUL_RATE = {"float64": 2.0e4, "float32": 4.0e4}
 CALL_US = 1.0
 CALLS = {"verlet": 17, "euler": 12, "opening": 8, "classifier": 15}
+# the adjoint without the weight gradients (pit's relayed co-states) leaves
+# out the batched gradient products' calls, and a third of the products
+COSTATE_CALLS = {"verlet": 16, "euler": 11}
 REGRESSION_CALL_US = 4.0  # heavier calls (LAPACK, fancy indexing), as measured in a run
 
 
@@ -62,16 +65,27 @@ def call_cost(net, calls, batch_size, us=CALL_US):
     return calls * us * MATMUL_RATE.get(net.dtype_name, 2.0e4) / batch_size
 
 
+def ode_layer_cost(net, batch_size=None, grads=True):
+    """Estimated cost per sample of one ODE layer's forward and adjoint
+    sweep; ``grads=False``: an adjoint for the co-state only (2 of Euler's 3
+    products, 4 of Verlet's 6); with ``batch_size``, the per-call overheads
+    too."""
+    op = net.op
+    kappa = ACTIVATION_COST.get((net.activation, net.dtype_name), 100.0)
+    products = 2 if net.scheme_name == "verlet" else 1
+    sweeps = 3.0 if grads else 2.0
+    calls = (CALLS if grads else COSTATE_CALLS)[net.scheme_name]
+    return (products * (sweeps * op.macs() / op.matmul_fraction + kappa * op.size)
+            + call_cost(net, calls, batch_size))
+
+
 def layer_costs(net, batch_size=None):
     """Estimated cost per sample of each ODE layer (L,), with the opening
     layer's cost added to layer 0 and the classifier's to layer L-1; with
     ``batch_size``, the per-call overheads too."""
-    op, opening = net.op, net.open_op
+    opening = net.open_op
     kappa = ACTIVATION_COST.get((net.activation, net.dtype_name), 100.0)
-    products = 2 if net.scheme_name == "verlet" else 1
-    costs = np.full(net.layers, products * (3.0 * op.macs() / op.matmul_fraction
-                                            + kappa * op.size)
-                    + call_cost(net, CALLS[net.scheme_name], batch_size))
+    costs = np.full(net.layers, ode_layer_cost(net, batch_size))
     costs[0] += (2.0 * opening.macs() / opening.matmul_fraction + kappa * opening.size
                  + call_cost(net, CALLS["opening"], batch_size))
     costs[-1] += (3.0 * net.n_classes * net.classifier_width
@@ -140,7 +154,7 @@ def partition(costs, ranks, grid=1, boundary_cost=0.0, middle_factor=0.0, grid_n
     middle_factor : float
         Blocks 1..N−2 cost ``1 + middle_factor`` times their layers
         (``pit``'s relayed co-states sweep them again for a share of the
-        batches).
+        batches, the adjoint for the co-state only).
     grid_name : str, optional
         What sets ``grid``, for the error messages (default
         ``"coarse.factor = <grid>"``).

@@ -36,7 +36,7 @@ from .coarse import check_coarse_loss, coarse_phase, prolong, warm_states
 from .comm import COSTATE_TAG, STATE_TAG, LoneComm, batch_tag
 from .methods import register
 from .monitor import CostateMonitor
-from .partition import critical_path, regression_cost
+from .partition import critical_path, ode_layer_cost, regression_cost
 from .regression import CostateRegression, WithOutputErrors, prediction_errors, state_map_for
 
 
@@ -89,11 +89,15 @@ def running_mean(mean, value):
     return value if mean is None else MEMORY * mean + (1.0 - MEMORY) * value
 
 
-def relay_factor(cfg):
-    """Extra cost of a middle block with ``regression.target = "relayed"``: a
-    second sweep of its layers for every ``regression.relay_every``-th batch."""
+def relay_factor(cfg, net):
+    """Extra cost of a middle block with ``regression.target = "relayed"``, a
+    fraction of its layers' cost: a forward sweep and a co-state-only adjoint
+    for every ``regression.relay_every``-th batch."""
     rg = cfg["regression"]
-    return 1.0 / rg["relay_every"] if rg["target"] == "relayed" else 0.0
+    if rg["target"] != "relayed":
+        return 0.0
+    n = cfg["train"]["batch_size"]
+    return ode_layer_cost(net, n, grads=False) / ode_layer_cost(net, n) / rg["relay_every"]
 
 # a kept batch of regression.target = "relayed", as saved in a checkpoint
 LEDGER_FIELDS = ("ledger_x_in", "ledger_x_out", "ledger_y", "ledger_lam_hat")
@@ -188,7 +192,7 @@ class PitTrainer(BlockTrainer):
         return rank < replicas_of(cfg, size) or shared_coarse(cfg, size)
 
     def middle_cost(self, cfg):
-        return relay_factor(cfg)
+        return relay_factor(cfg, self.net)
 
     def regression_cost(self, cfg):
         return regression_cost(self.net, cfg, cfg["train"]["batch_size"])
