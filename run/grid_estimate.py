@@ -13,8 +13,10 @@ Each grid's configuration is resolved as its run resolves it: with the
     python run/grid_estimate.py --config run/mnist.toml --layers 64 --ranks 16
 """
 import argparse
+import sys
 
 from pitmpi import config, data
+from pitmpi.errors import UserError
 from pitmpi.parallel.partition import (MATMUL_RATE, critical_path, layer_costs, partition,
                                        regression_cost)
 from pitmpi.optim import BatchSchedule
@@ -74,6 +76,15 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=16)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
+    try:
+        report(args)
+    except UserError as e:  # a bad config key or value, or no data: one line, exit 2
+        print(f"grid_estimate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report(args):
+    """Print the table of every grid for the parsed command line ``args``."""
     overrides = list(args.set) + ([f"model.layers={args.layers}"] if args.layers else [])
     # every grid as named, whatever train.max_blocks the config sets
     load = lambda replicas: config.load(

@@ -161,6 +161,19 @@ def test_grid_estimate_lists_every_grid_of_a_capped_config_and_names_its_own(cap
     assert "own pit grid" not in rows[uncapped]
 
 
+@pytest.mark.parametrize("setting, names", [("model.layerz=64", "model.layerz"),
+                                             ("data.path=/nonexistent/mnist", "/nonexistent")])
+def test_grid_estimate_says_what_is_wrong_in_one_line(capsys, monkeypatch, setting, names):
+    from .conftest import run_script
+    monkeypatch.delenv("PITMPI_DATA", raising=False)
+    script = run_script("grid_estimate")
+    with pytest.raises(SystemExit) as exit:
+        script.main(["--config", str(REPO / "run" / "mnist.toml"), "--set", setting])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith("grid_estimate: error: ") and names in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_grid_estimate_puts_boundaries_where_the_levels_do():
     from .conftest import run_script
     est = run_script("grid_estimate")
