@@ -418,3 +418,36 @@ def test_many_blocks_take_their_values_and_a_hint_without_relayed_costates(
             f"'{'neighbour' if hinted else 'relayed'}', regression.relay_every = 4" in text) == applied
     assert ("hint: pit on 4 blocks" in text) == hinted
     assert ("docs/many-ranks.md" in text) == applied
+
+
+@pytest.mark.parametrize("ranks", [4, 8])
+def test_the_shipped_many_blocks_recipe_under_mpiexec_gives_the_emulated_iterates(tmp_path, ranks):
+    """What `--emulate N` measures is what `mpirun -n N` trains: the Swiss
+    roll's file as shipped, with its [many_blocks] values (relayed co-states
+    every 4th batch, damping, four coarse levels, the coarse phase shared) on
+    4 blocks, and on 8 ranks as 4 blocks x 2 replicas."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO, mpiexec
+    argv = ["train", str(REPO / "run" / "swissroll.toml"), "--quiet", "--set", "train.epochs=2",
+            "--set", "many_blocks.coarse.iterations=12", "--set", "monitor.every=8"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    env["OMP_NUM_THREADS"] = "1"
+    real, emulated = tmp_path / "mpi.h5", tmp_path / "emu.h5"
+    r = subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, "-m", "pitmpi", *argv,
+                        "--out", str(real)], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert main(argv + ["--emulate", str(ranks), "--out", str(emulated)]) == 0
+    (a_attrs, a_params, a_hist, a_timing, _), (e_attrs, e_params, e_hist, e_timing, _) = (
+        read_result(str(real)), read_result(str(emulated)))
+    assert a_attrs["blocks"] == e_attrs["blocks"] == 4 and not a_attrs["emulated"]
+    for k in e_params:
+        np.testing.assert_array_equal(a_params[k], e_params[k], err_msg=k)
+    for k in ("loss", "val_acc", "monitor_costate_rel"):
+        if k in e_hist:
+            np.testing.assert_array_equal(a_hist[k], e_hist[k], err_msg=k)
+    for k in ("rank_setup_traffic", "rank_iteration_traffic"):  # the same calls
+        np.testing.assert_array_equal(a_timing[k], e_timing[k], err_msg=k)

@@ -21,11 +21,40 @@ COSTATE_TAG = 1 << 14  # co-states travel backward
 TAG_SPAN = 1 << 14     # batch ids are folded into [0, TAG_SPAN)
 TRAFFIC = ("sent_bytes", "messages", "allreduce_bytes", "allreduce_steps")
 ABORT_GRACE = 0.5  # seconds a failing rank's output gets before MPI_Abort
+ORDERED_ALLGATHER_BYTES = 1 << 16  # an MPI all-reduce of at most this times the ranks
+                                   # gathers whole buffers; a larger one sums by slices
 
 
 def batch_tag(base, batch_id):
     """Message tag for a batch: ``base + batch_id mod TAG_SPAN``."""
     return base + (batch_id % TAG_SPAN)
+
+
+def allreduce_slices(n, size):
+    """Edges of the ``size`` slices of an ``n``-element buffer that an
+    all-reduce sums, one slice per rank (as a ring all-reduce does).
+
+    Returns
+    -------
+    ndarray of int, shape (size + 1,)
+        Rank ``r`` sums elements ``[edges[r], edges[r + 1])``.
+    """
+    return np.linspace(0, n, size + 1).round().astype(int)
+
+
+def sum_in_rank_order(parts):
+    """``parts[0] + parts[1] + ...`` from the left, in a new array: the order
+    of every all-reduce, so that it gives the same bits on every
+    communicator, emulated or MPI, whatever the MPI library.
+
+    Parameters
+    ----------
+    parts : sequence of ndarray, each of shape (m,), by rank
+    """
+    total = np.array(parts[0], copy=True)
+    for p in parts[1:]:
+        total += p
+    return total
 
 
 class Comm:
@@ -34,6 +63,10 @@ class Comm:
     rank = 0
     size = 1
     emulated = False  # True: ranks are threads of one process (timings mean nothing)
+    # "ordered": allreduce_sum sums every element in rank order (the emulated
+    # communicator's only way); "mpi": an MPI communicator calls MPI_Allreduce,
+    # whose order its library picks (train.allreduce)
+    allreduce_order = "ordered"
 
     def __init__(self, ledger=None):
         # one ledger per process, shared with the communicators split from this one:
@@ -119,7 +152,10 @@ class Comm:
         return self._timed(self._wait, request)
 
     def allreduce_sum(self, buf):
-        """Sum ``buf`` (contiguous ndarray) over ranks, in place."""
+        """Sum ``buf`` (ndarray, the same shape and type on every rank) over
+        ranks, in place.  Every element is summed in rank order, ``((b_0 +
+        b_1) + b_2) + ...``, so that an emulated and an MPI job of the same
+        size give the same bits whatever the MPI library."""
         self._count_allreduce(buf)
         return self._timed(self._allreduce_sum, buf)
 
@@ -233,7 +269,33 @@ class MPIComm(Comm):
         self.comm.Recv(buf, source=source, tag=tag)
 
     def _allreduce_sum(self, buf):
-        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        # MPI_Allreduce sums in an order its library picks by size and rank
+        # count, so from 3 ranks on every element is summed here in rank
+        # order, as the emulated communicator does: the same bits on any MPI
+        # (unless allreduce_order = "mpi"). Two ranks' single addition is the
+        # same either way round.
+        if self.size == 1:
+            return buf
+        flat = np.ascontiguousarray(buf).reshape(-1)  # buf itself where it is contiguous
+        if self.size == 2 or self.allreduce_order == "mpi":
+            self.comm.Allreduce(self._MPI.IN_PLACE, flat, op=self._MPI.SUM)
+        elif flat.nbytes * self.size <= ORDERED_ALLGATHER_BYTES:
+            # small: every rank gathers every buffer (one collective, latency-bound)
+            parts = np.empty((self.size, flat.size), flat.dtype)
+            self.comm.Allgather(flat, parts)
+            flat[...] = sum_in_rank_order(parts)
+        else:
+            # large: rank r sums slice r of every buffer (all-to-all), then every
+            # rank gathers the sums, a ring all-reduce's bytes
+            edges = allreduce_slices(flat.size, self.size)
+            counts, displs = np.diff(edges), edges[:-1]
+            m = int(counts[self.rank])
+            parts = np.empty((self.size, m), flat.dtype)
+            self.comm.Alltoallv([flat, (counts, displs)],
+                                [parts, ([m] * self.size, m * np.arange(self.size))])
+            self.comm.Allgatherv(sum_in_rank_order(parts), [flat, (counts, displs)])
+        if not np.shares_memory(flat, buf):
+            buf[...] = flat.reshape(buf.shape)
         return buf
 
     def _bcast(self, obj, root):
@@ -252,7 +314,9 @@ class MPIComm(Comm):
         self.comm.Barrier()
 
     def _split(self, color, key):
-        return MPIComm(self.comm.Split(color, key), self._ledger)
+        child = MPIComm(self.comm.Split(color, key), self._ledger)
+        child.allreduce_order = self.allreduce_order
+        return child
 
     def abort(self, code=1):
         """End the whole job with exit code ``code``, after this rank's
@@ -394,12 +458,9 @@ class ThreadComm(Comm):
         if any(p.shape != parts[0].shape or p.dtype != parts[0].dtype for p in parts):
             raise ValueError(f"emulated rank {self.rank}: allreduce of buffers that differ "
                              "in size or type across ranks")
-        edges = np.linspace(0, parts[0].size, self.size + 1).round().astype(int)
+        edges = allreduce_slices(parts[0].size, self.size)
         mine = slice(edges[self.rank], edges[self.rank + 1])
-        chunk = parts[0][mine].copy()
-        for p in parts[1:]:
-            chunk += p[mine]
-        w.chunks[self.rank] = chunk
+        w.chunks[self.rank] = sum_in_rank_order([p[mine] for p in parts])
         w.sync()  # every slice summed: no rank reads a buffer any more
         total = np.concatenate(w.chunks)
         buf[...] = total.reshape(buf.shape)
