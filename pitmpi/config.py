@@ -127,6 +127,14 @@ SCHEMA = {
                                     "multiple of data_parallel_size that leaves ranks / "
                                     "replicas <= max_blocks; 0: no limit; methods without "
                                     "layer blocks ignore it)", minimum=0),
+        "allreduce": Key("str", "ordered", "how MPI ranks sum an all-reduce (data-parallel's "
+                                           "gradients, a grid's replicas, a shared coarse "
+                                           "phase): ordered, every number in rank order, the "
+                                           "bits of --emulate on any MPI library; mpi, the "
+                                           "library's MPI_Allreduce, faster on some machines, "
+                                           "with iterates that differ from --emulate's in "
+                                           "rounding from 3 ranks on",
+                         choices=("ordered", "mpi")),
         "seed": Key("int", 0, "seed of the initial weights and the batch order", minimum=0),
         "max_loss": Key("float", 100.0, "stop as diverged when a batch loss exceeds this "
                                         "(NaN or Inf anywhere always stops; 0: no loss limit)",

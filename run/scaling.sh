@@ -4,6 +4,7 @@
 #   run/scaling.sh OUTDIR                       # Swiss roll, L = 64 and 256, 2 4 8 16 ranks
 #   LAYERS="256 512" RANKS="4 8" EPOCHS=50 REPEATS=2 METHODS="serial pit" run/scaling.sh OUTDIR
 #   METHODS="serial data-parallel pit pit-grid2 pit-grid4" run/scaling.sh OUTDIR   # layers x data grids
+#   SETS="train.allreduce=mpi" run/scaling.sh OUTDIR   # more config settings for every run
 #
 # For each depth it writes the cost model's prediction from constants measured
 # on this node (cost_model-L*.md), then runs serial (1 rank), data-parallel
@@ -31,6 +32,8 @@ coarse=${COARSE_ITERATIONS:-600}
 pace_seconds=${PACE_SECONDS:-30}
 iters_per_epoch=${ITERS_PER_EPOCH:-16}   # Swiss roll: 512 samples / batch 32
 py=${PYTHON:-python3}
+sets=()
+for kv in ${SETS:-}; do sets+=(--set "$kv"); done
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -47,7 +50,7 @@ done
 for N in $ranks; do
     "$py" "$here/bench.py" --config "$config" --layers $layers \
         --methods $methods --ranks "$N" --repeats "$repeats" \
-        --scale-lr 32 --set "train.epochs=$epochs" --out "$out"
+        --scale-lr 32 --set "train.epochs=$epochs" ${sets[@]+"${sets[@]}"} --out "$out"
     cp "$out/summary.md" "$out/summary-n$N.md"
 done
 shopt -s nullglob  # METHODS without pit: no per-rank report

@@ -82,6 +82,8 @@ CASES = {
                       "regression.clip = -1 is not allowed; expected a number >= 0.0"),
     "negative warm-up": (["--set", "train.lr_warmup=-2"],
                          "train.lr_warmup = -2 is not allowed; expected a number >= 0.0"),
+    "unknown allreduce": (["--set", "train.allreduce=fast"],
+                          "train.allreduce = 'fast' is not allowed; expected one of 'ordered', 'mpi'"),
     "unknown lr_per": (["--set", "train.lr_per=second"],
                        "train.lr_per = 'second' is not allowed; expected one of 'time', 'layer'"),
     "grid not dividing the ranks": (["--set", "train.data_parallel_size=3"],

@@ -113,6 +113,7 @@ class Trainer:
 
     def __init__(self, comm, cfg, data, log=None):
         self.comm, self.cfg, self.data = comm, cfg, data
+        comm.allreduce_order = cfg["train"]["allreduce"]  # before any split: they inherit it
         self.log = log or logging.getLogger("pitmpi")
         self.net = build_network(cfg, data)
         t = cfg["train"]

@@ -215,3 +215,21 @@ def test_allreduce_gives_the_emulated_bits(dtype):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
 
+
+@pytest.mark.mpi(min_size=1)
+def test_train_allreduce_mpi_gives_the_library_sum_to_every_split():
+    """train.allreduce = "mpi" hands the sums to MPI_Allreduce, on the
+    trainer's communicator and on every one split from it; the default sums
+    in rank order."""
+    comm = world()
+    cfg = config.load(None, QUICK + ["train.method=pit", "train.allreduce=mpi"])
+    trainer = make_trainer(comm, cfg, data.swissroll())
+    child = trainer.comm.split(0, comm.rank)
+    assert trainer.comm.allreduce_order == child.allreduce_order == "mpi"
+    rng = np.random.default_rng(comm.rank)
+    buf = rng.standard_normal(50000)
+    ref = np.sum(comm.allgather(buf.copy()), axis=0)
+    np.testing.assert_allclose(child.allreduce_sum(buf), ref, rtol=1e-12, atol=1e-12)
+    default = make_trainer(world(), config.load(None, QUICK + ["train.method=pit"]),
+                           data.swissroll())
+    assert default.comm.allreduce_order == default.comm.split(0, 0).allreduce_order == "ordered"
