@@ -41,7 +41,21 @@ MNIST accuracy check of docs/benchmarks.md:
     python run/bench.py --config run/mnist.toml --layers 8 16 --methods serial pit \
         --seeds 0 1 2 3 4 --repeats 1 --out results/mnist-seeds
 
-The timing table then pools the seeds' runs.
+The timing table then pools the seeds' runs.  The accuracy table also
+gives each seed's best accuracy and, for ``pit``, the cost model's
+speed-up to serial's final accuracy of the same seed (``report --target``'s
+est. speed-up; ``--bandwidth GB/S`` adds the messages each run counted).
+
+With ``--emulate`` the parallel methods run on emulated ranks (``train
+--emulate N``, threads of one process with the iterates of ``mpiexec -n
+N``): an accuracy study at many ranks on a workstation, one ``--ranks``
+at a time into the same folder (the serial runs are kept and reused).
+Their timings mean nothing, so the timing table shows "-" for them; its
+last column, the cost model's predicted speed-up of the whole run, is
+there for every ``pit`` run:
+
+    python run/bench.py --config run/swissroll.toml --layers 64 --methods serial pit \
+        --ranks 8 --emulate --seeds 0 1 2 --repeats 1 --bandwidth 12.5 --out results/sr-8
 """
 import argparse
 import os
@@ -53,7 +67,7 @@ import time
 import h5py
 import numpy as np
 
-from pitmpi.report import SLOW_EPOCH, load
+from pitmpi.report import SLOW_EPOCH, Network, estimated_speedup, load
 
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
            "data-parallel": ("data-parallel", []),
@@ -94,7 +108,8 @@ def run_one(args, name, layers, repeat, seed=None):
     method, extra = METHODS[name]
     ranks = 1 if method == "serial" else args.ranks
     seeded = "" if seed is None else f"-s{seed}"
-    path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}{seeded}-r{repeat}.h5")
+    emulated = "e" if ranks > 1 and getattr(args, "emulate", False) else ""
+    path = os.path.join(args.out, f"L{layers:04d}-{name}-n{ranks}{emulated}{seeded}-r{repeat}.h5")
     if os.path.exists(path) and not args.force:
         print(f"  {os.path.basename(path)}: kept from an earlier run (--force runs it again)",
               flush=True)
@@ -106,7 +121,9 @@ def run_one(args, name, layers, repeat, seed=None):
         cmd += ["--set", s]
     if args.scale_lr:
         cmd += ["--set", f"train.lr={args.lr * layers / args.scale_lr:g}", "--set", "train.lr_per=layer"]
-    if ranks > 1:
+    if ranks > 1 and getattr(args, "emulate", False):
+        cmd += ["--emulate", str(ranks)]
+    elif ranks > 1:
         cmd = [args.mpiexec, "-n", str(ranks)] + cmd
     env = dict(os.environ)
     threads = os.cpu_count() if name == "serial-allcores" else 1
@@ -128,12 +145,15 @@ def figures(path, seed=None):
     run = load(path)
     t = run.timing
     coarse = float(np.max(t["coarse_wall"]))
+    est = run.estimate()
     return {"wall": run.wall, "iter": 1e3 * (run.wall - coarse) / run.iterations,
             "epoch_iter": run.median_epoch_ms, "slow": run.slow_epoch_share,
             "probe": float(run.attrs.get("bench_probe_us", np.nan)),
             "file": os.path.basename(path), "val": 100 * float(run.history["val_acc"][-1]),
+            "best": 100 * float(np.max(run.history["val_acc"])),
             "peak": float(np.max(t["rank_peak_memory"])) / 2**20, "ranks": run.ranks,
-            "seed": seed}
+            "seed": seed, "emulated": run.emulated,
+            "predicted": None if est is None else est[1] / est[0], "run": run}
 
 
 def med(values, fmt="{:.2f}"):
@@ -145,8 +165,9 @@ def med(values, fmt="{:.2f}"):
 
 def summarise(results, layers, methods):
     rows = ["| layers | method | ranks | wall s | ms/iter | speed-up | iter-eff "
-            "| ms/iter, median epoch | iter-eff, median epoch | val % | peak MiB |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| ms/iter, median epoch | iter-eff, median epoch | val % | peak MiB "
+            "| predicted speed-up |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for L in layers:
         base = results.get((L, "serial"))
         for name in methods:
@@ -159,7 +180,11 @@ def summarise(results, layers, methods):
             val_s, _ = med([r["val"] for r in runs])
             n = runs[0]["ranks"]
             su = eff = ep_eff = "-"
-            if base:
+            predicted = [r["predicted"] for r in runs if r.get("predicted") is not None]
+            predicted = med(predicted)[0] if predicted else "-"
+            if any(r.get("emulated") for r in runs):  # threads of one process: no timings
+                wall_s = it_s = ep_s = "-"
+            elif base:
                 b_wall = statistics.median(r["wall"] for r in base)
                 b_it = statistics.median(r["iter"] for r in base)
                 b_ep = statistics.median(r["epoch_iter"] for r in base)
@@ -169,37 +194,60 @@ def summarise(results, layers, methods):
                 ep_eff = f"{b_ep / (n * ep):.2f}"
             peak = f"{statistics.median(r['peak'] for r in runs):.0f}"
             rows.append(f"| {L} | {name} | {n} | {wall_s} | {it_s} | {su} | {eff} | {ep_s} "
-                        f"| {ep_eff} | {val_s} | {peak} |")
+                        f"| {ep_eff} | {val_s} | {peak} | {predicted} |")
     return "\n".join(rows)
 
 
-def accuracy_table(results, layers, methods):
+def accuracy_table(results, layers, methods, network=None):
     """Markdown table of each method's final accuracy per seed and its
     difference from serial's with the same seed (median over the repeats
-    of that seed; the runs are deterministic, so repeats agree)."""
+    of that seed; the runs are deterministic, so repeats agree); then each
+    seed's best accuracy and, for ``pit``, the cost model's speed-up to
+    serial's final accuracy of that seed ("never" where the run does not
+    reach it; with a :class:`~pitmpi.report.Network`, messages included)."""
     rows = ["| layers | method | val % per seed | val − serial's, same seed: median (min–max) "
-            "| seeds within 0.3 points |", "| ---: | --- | --- | --- | ---: |"]
+            "| seeds within 0.3 points | best val % per seed "
+            "| to serial's final accuracy, est. speed-up per seed |",
+            "| ---: | --- | --- | --- | ---: | --- | --- |"]
     for L in layers:
-        base = _per_seed(results.get((L, "serial"), []))
+        base_runs = results.get((L, "serial"), [])
+        base = _per_seed(base_runs)
         for name in methods:
             if name == "serial" or not results.get((L, name)):
                 continue
-            val = _per_seed(results[(L, name)])
+            runs = results[(L, name)]
+            val = _per_seed(runs)
             shown = " ".join(f"{s}: {v:.2f}" for s, v in val.items())
+            best = " ".join(f"{s}: {v:.2f}" for s, v in _per_seed(runs, "best").items())
+            sooner = " ".join(f"{s}: {_sooner(runs, base_runs, s, network)}" for s in val)
             diffs = [v - base[s] for s, v in val.items() if s in base]
             if not diffs:
-                rows.append(f"| {L} | {name} | {shown} | - | - |")
+                rows.append(f"| {L} | {name} | {shown} | - | - | {best or '-'} | - |")
                 continue
             within = sum(abs(d) <= 0.3 + 1e-9 for d in diffs)
             rows.append(f"| {L} | {name} | {shown} | {med(diffs, '{:+.2f}')[0]} "
-                        f"| {within} of {len(diffs)} |")
+                        f"| {within} of {len(diffs)} | {best or '-'} | {sooner} |")
     return "\n".join(rows)
 
 
-def _per_seed(runs):
-    """``{seed: median final accuracy}`` of ``runs`` (figures with a seed)."""
-    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
-    return {s: statistics.median(r["val"] for r in runs if r["seed"] == s) for s in seeds}
+def _per_seed(runs, key="val"):
+    """``{seed: median of key}`` of ``runs`` (figures with a seed and ``key``)."""
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None and key in r})
+    return {s: statistics.median(r[key] for r in runs if r["seed"] == s) for s in seeds}
+
+
+def _sooner(runs, base_runs, seed, network):
+    """The cost model's speed-up of the first of ``runs`` with ``seed`` to
+    the final accuracy of the serial run with that seed: text, "never",
+    or "-" (no serial run, or no estimate: not ``pit``)."""
+    run = next((r["run"] for r in runs if r["seed"] == seed and "run" in r), None)
+    base = next((r["run"] for r in base_runs if r["seed"] == seed and "run" in r), None)
+    if run is None or base is None or run.estimate() is None:
+        return "-"
+    target = float(base.history["val_acc"][-1]) - 1e-9
+    if run.iterations_to(target) is None:
+        return "never"
+    return estimated_speedup(run, base, target, network) + "×"
 
 
 SLOW_PROBE = 1.15  # a run that started with the probe this much above the fastest one is flagged
@@ -207,9 +255,10 @@ SLOW_PROBE = 1.15  # a run that started with the probe this much above the faste
 
 def probe_line(results):
     """One line on how fast the machine was when each run started (:func:`probe`)."""
-    runs = [r for rs in results.values() for r in rs if np.isfinite(r["probe"])]
+    runs = [r for rs in results.values() for r in rs
+            if np.isfinite(r["probe"]) and not r.get("emulated")]
     if not runs:
-        return "machine probe: none recorded (runs from an earlier harness)"
+        return "machine probe: none recorded (runs from an earlier harness, or emulated ones)"
     speeds = [r["probe"] for r in runs]
     fastest = min(speeds)
     slow = sorted(r["file"] for r in runs if r["probe"] > SLOW_PROBE * fastest)
@@ -225,9 +274,10 @@ def slow_epochs_line(results):
     """One line on the epochs that fell into slow spells of the machine
     (:attr:`pitmpi.report.Run.slow_epoch_share`), naming the runs where they
     are half or more, whose median-epoch figures are then slow too."""
-    runs = [r for rs in results.values() for r in rs if r.get("slow") is not None]
+    runs = [r for rs in results.values() for r in rs
+            if r.get("slow") is not None and not r.get("emulated")]
     if not runs:
-        return "slow epochs: no epoch times recorded"
+        return "slow epochs: no epoch times recorded (or only emulated runs', which mean nothing)"
     shares = [r["slow"] for r in runs]
     line = (f"epochs over {SLOW_EPOCH:g}× their run's fast pace (slow spells of the machine): "
             f"{100 * statistics.median(shares):.0f} % of a run's epochs in the median run, "
@@ -253,6 +303,14 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--mpiexec", default=os.environ.get("PITMPI_MPIEXEC", "mpiexec"))
+    p.add_argument("--emulate", action="store_true",
+                   help="run the parallel methods on emulated ranks (train --emulate N: "
+                        "threads of one process, the iterates of mpiexec -n N) for accuracy "
+                        "studies; their timings mean nothing, so the summary shows only the "
+                        "cost model's predicted speed-ups for them")
+    p.add_argument("--bandwidth", type=float, metavar="GB/S",
+                   help="add the runs' counted messages at this bandwidth (and 2 µs a message) "
+                        "to the cost model's speed-ups to serial's final accuracy (--seeds)")
     p.add_argument("--force", action="store_true", help="rerun even if a file exists")
     p.add_argument("--scale-lr", type=int, metavar="L0",
                    help="the paper's per-layer SGD (train.lr_per = layer) with learning rate "
@@ -261,6 +319,10 @@ def main(argv=None):
                         "rate needs no scaling)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate at L0 layers (--scale-lr)")
     args = p.parse_args(argv)
+    if args.bandwidth is not None and not (np.isfinite(args.bandwidth) and args.bandwidth > 0):
+        p.error(f"--bandwidth {args.bandwidth}: expected a network bandwidth in GB/s above 0, "
+                "e.g. 12.5")
+    network = None if args.bandwidth is None else Network(args.bandwidth * 1e9, 2e-6)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     # repeats outermost: a slow spell of the machine hits every method alike
@@ -272,12 +334,14 @@ def main(argv=None):
                     results.setdefault((L, name), []).append(figures(path, seed))
     text = summarise(results, args.layers, args.methods)
     if args.seeds:
-        text += "\n\n" + accuracy_table(results, args.layers, args.methods)
+        text += "\n\n" + accuracy_table(results, args.layers, args.methods, network)
     text += "\n\n" + probe_line(results) + "\n\n" + slow_epochs_line(results)
     head = (f"config {args.config or '(default)'}, --set {' '.join(args.set) or '-'}, "
             + (f"lr = {args.lr:g} × L / {args.scale_lr}, " if args.scale_lr else "")
             + (f"seeds {' '.join(map(str, args.seeds))}, " if args.seeds else "")
-            + f"{args.ranks} ranks, {args.repeats} repeats, medians (min–max)\n\n")
+            + f"{args.ranks} {'emulated ' if args.emulate else ''}ranks, {args.repeats} "
+            + "repeats, medians (min–max)"
+            + (f"; messages at {args.bandwidth:g} GB/s, 2 µs" if network else "") + "\n\n")
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(head + text + "\n")
     print(head + text)

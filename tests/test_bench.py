@@ -68,7 +68,40 @@ def test_accuracy_table_compares_each_seed_with_serials_same_seed(bench):
     assert row[5].strip() == "2 of 3"
     assert len(table.splitlines()) == 3  # no row for serial itself
     # a method without serial runs to compare with
-    assert bench.accuracy_table({(8, "pit"): [run(95.9, 0)]}, [8], ["pit"]).endswith("| - | - |")
+    assert bench.accuracy_table({(8, "pit"): [run(95.9, 0)]}, [8], ["pit"]).endswith(
+        "| - | - | - | - |")
+
+
+def test_an_emulated_study_gives_accuracies_and_the_cost_models_speed_ups(bench, tmp_path):
+    """--emulate: the parallel runs are threads (no timings in the summary,
+    the cost model's predicted speed-up instead), each seed's best accuracy,
+    and the est. speed-up to serial's final accuracy that `report --target`
+    gives for the same files."""
+    from pitmpi.report import Network, estimated_speedup, load
+    out = tmp_path / "study"
+    bench.main(["--layers", "8", "--methods", "serial", "pit", "--ranks", "2", "--emulate",
+                "--seeds", "0", "1", "--repeats", "1", "--set", "train.epochs=4",
+                "--set", "coarse.iterations=20", "--bandwidth", "1", "--out", str(out)])
+    text = (out / "summary.md").read_text()
+    assert "2 emulated ranks" in text and "messages at 1 GB/s" in text
+    pit_row = next(l for l in text.splitlines() if l.startswith("| 8 | pit | 2 |")).split("|")
+    assert [c.strip() for c in pit_row[4:10]] == ["-"] * 6  # wall .. median-epoch iter-eff
+    files = {s: (load(str(out / f"L0008-serial-n1-s{s}-r0.h5")),
+                 load(str(out / f"L0008-pit-n2e-s{s}-r0.h5"))) for s in (0, 1)}
+    assert all(p.emulated for _, p in files.values())
+    predicted = [p.estimate()[1] / p.estimate()[0] for _, p in files.values()]
+    assert pit_row[12].strip() == bench.med(predicted)[0]
+    acc = next(l for l in text.splitlines() if l.startswith("| 8 | pit | 0:")).split("|")
+    assert acc[6].strip() == " ".join(
+        f"{s}: {100 * p.history['val_acc'].max():.2f}" for s, (_, p) in files.items())
+    want = []
+    for s, (ser, p) in files.items():
+        target = ser.history["val_acc"][-1] - 1e-9
+        hit = p.iterations_to(target)
+        want.append(f"{s}: " + ("never" if hit is None else
+                                estimated_speedup(p, ser, target, Network(1e9, 2e-6)) + "×"))
+    assert acc[7].strip() == " ".join(want)
+    assert "machine probe: none recorded" not in text  # the serial runs' probes count
 
 
 def test_seeded_runs_get_their_own_files_and_seed(bench, tmp_path, capsys):
