@@ -155,7 +155,9 @@ class Comm:
         """Sum ``buf`` (ndarray, the same shape and type on every rank) over
         ranks, in place.  Every element is summed in rank order, ``((b_0 +
         b_1) + b_2) + ...``, so that an emulated and an MPI job of the same
-        size give the same bits whatever the MPI library."""
+        size give the same bits whatever the MPI library (unless
+        :attr:`allreduce_order` is ``"mpi"``: then an MPI communicator of 3
+        ranks or more sums in its library's order)."""
         self._count_allreduce(buf)
         return self._timed(self._allreduce_sum, buf)
 
@@ -294,7 +296,7 @@ class MPIComm(Comm):
             self.comm.Alltoallv([flat, (counts, displs)],
                                 [parts, ([m] * self.size, m * np.arange(self.size))])
             self.comm.Allgatherv(sum_in_rank_order(parts), [flat, (counts, displs)])
-        if not np.shares_memory(flat, buf):
+        if not buf.flags.c_contiguous:  # flat was a copy
             buf[...] = flat.reshape(buf.shape)
         return buf
 
