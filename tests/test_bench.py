@@ -110,3 +110,26 @@ def test_seeded_runs_get_their_own_files_and_seed(bench, tmp_path, capsys):
     kept = tmp_path / "L0008-pit-n2-s3-r0.h5"
     kept.write_bytes(b"")
     assert bench.run_one(args, "pit", 8, 0, seed=3) == str(kept)
+
+
+def test_bench_allreduce_times_both_orders_under_mpiexec(tmp_path):
+    """run/bench_allreduce.py under mpiexec: a row per size with both modes'
+    times and their ratio (3 ranks: the ordered mode sums itself)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO, mpiexec
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI", "HYDRA", "PMIX"))}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([mpiexec(), "-n", "3", sys.executable, str(REPO / "run" / "bench_allreduce.py"),
+                        "--sizes", "10", "30000", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("3 ranks, float32")
+    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| 10")
+            or line.startswith("| 30000")]
+    assert [row[0].strip() for row in rows] == ["10", "30000"]
+    for row in rows:
+        ordered, mpi, ratio = (float(c) for c in row[2:])
+        assert ordered > 0 and mpi > 0 and ratio == pytest.approx(ordered / mpi, rel=0.02, abs=0.01)

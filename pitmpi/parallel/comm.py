@@ -21,7 +21,7 @@ COSTATE_TAG = 1 << 14  # co-states travel backward
 TAG_SPAN = 1 << 14     # batch ids are folded into [0, TAG_SPAN)
 TRAFFIC = ("sent_bytes", "messages", "allreduce_bytes", "allreduce_steps")
 ABORT_GRACE = 0.5  # seconds a failing rank's output gets before MPI_Abort
-ORDERED_ALLGATHER_BYTES = 1 << 16  # an MPI all-reduce of at most this times the ranks
+ORDERED_ALLGATHER_BYTES = 1 << 20  # an MPI all-reduce of at most this times the ranks
                                    # gathers whole buffers; a larger one sums by slices
 
 

@@ -195,10 +195,12 @@ def test_allreduce_gives_the_emulated_bits(dtype):
     in whatever order the MPI library's Allreduce picks: the same bits, so
     that `--emulate N` trains what `mpirun -n N` does.  Sizes below, at and
     above the rank count; values whose sum depends on the order."""
+    from pitmpi.parallel.comm import ORDERED_ALLGATHER_BYTES
+    assert 100000 * 3 * 4 * 3 > ORDERED_ALLGATHER_BYTES >= 1000 * 3 * 8 * 16  # both paths
     def body(comm):
         rng = np.random.default_rng(comm.rank)
         out = []
-        for n in (1, comm.size, 7, 1000, 30000):  # the last beyond ORDERED_ALLGATHER_BYTES
+        for n in (1, comm.size, 7, 1000, 100000):  # the last beyond ORDERED_ALLGATHER_BYTES
             buf = (rng.standard_normal((n, 3)) * 10.0 ** rng.integers(-8, 8, (n, 3))).astype(dtype) \
                 if dtype != "int64" else rng.integers(-1000, 1000, (n, 3))
             out.append(comm.allreduce_sum(buf).copy())
