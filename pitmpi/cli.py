@@ -7,7 +7,6 @@ whole job (``Abort``) with a message that names the rank.
 """
 import argparse
 import contextlib
-import math
 import os
 import sys
 import traceback
@@ -209,18 +208,7 @@ def report(args, log):
     from .report import Network, compare, summarise
     if args.target is not None and not 0 < args.target <= 1:
         raise UserError(f"--target {args.target}: expected a validation accuracy in (0, 1]")
-    network = None
-    if args.latency is not None and args.bandwidth is None:
-        raise UserError(f"--latency {args.latency}: it needs --bandwidth (the network's GB/s)")
-    if args.bandwidth is not None:
-        latency = 2.0 if args.latency is None else args.latency
-        if not (math.isfinite(args.bandwidth) and args.bandwidth > 0):
-            raise UserError(f"--bandwidth {args.bandwidth}: expected a network bandwidth in GB/s "
-                            f"above 0, e.g. 12.5")
-        if not (math.isfinite(latency) and latency >= 0):
-            raise UserError(f"--latency {latency}: expected a latency in microseconds, "
-                            f"0 or more, e.g. 2")
-        network = Network(args.bandwidth * 1e9, latency * 1e-6)
+    network = Network.from_options(args.bandwidth, args.latency)
     if len(args.files) == 1:
         print(summarise(args.files[0], network))
         if args.target is not None:

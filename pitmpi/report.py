@@ -7,6 +7,7 @@ speed-up and parallel efficiency of each run against its baseline — the
 fastest one-rank run of that dataset and depth — and, with ``--target``, the
 training time until the validation accuracy first reached the target.
 """
+import math
 import os
 from dataclasses import dataclass
 
@@ -44,6 +45,24 @@ class Network:
         with computing): shape (...)."""
         t = np.asarray(traffic, dtype=float)
         return (t[..., 0] + t[..., 2]) / self.bandwidth + (t[..., 1] + t[..., 3]) * self.latency
+
+    @classmethod
+    def from_options(cls, bandwidth, latency=None):
+        """The network of ``--bandwidth GB/S`` and ``--latency US`` (default
+        2 µs), or None without a bandwidth; UserError naming the option for
+        a value that is not a network's."""
+        if bandwidth is None:
+            if latency is not None:
+                raise UserError(f"--latency {latency}: it needs --bandwidth (the network's GB/s)")
+            return None
+        latency = 2.0 if latency is None else latency
+        if not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise UserError(f"--bandwidth {bandwidth}: expected a network bandwidth in GB/s "
+                            f"above 0, e.g. 12.5")
+        if not (math.isfinite(latency) and latency >= 0):
+            raise UserError(f"--latency {latency}: expected a latency in microseconds, "
+                            f"0 or more, e.g. 2")
+        return cls(bandwidth * 1e9, latency * 1e-6)
 
 
 @dataclass

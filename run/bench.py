@@ -67,6 +67,7 @@ import time
 import h5py
 import numpy as np
 
+from pitmpi.errors import UserError
 from pitmpi.report import SLOW_EPOCH, Network, estimated_speedup, load
 
 METHODS = {"serial": ("serial", []), "serial-allcores": ("serial", []),
@@ -319,10 +320,10 @@ def main(argv=None):
                         "rate needs no scaling)")
     p.add_argument("--lr", type=float, default=0.1, help="learning rate at L0 layers (--scale-lr)")
     args = p.parse_args(argv)
-    if args.bandwidth is not None and not (np.isfinite(args.bandwidth) and args.bandwidth > 0):
-        p.error(f"--bandwidth {args.bandwidth}: expected a network bandwidth in GB/s above 0, "
-                "e.g. 12.5")
-    network = None if args.bandwidth is None else Network(args.bandwidth * 1e9, 2e-6)
+    try:
+        network = Network.from_options(args.bandwidth)
+    except UserError as e:
+        p.error(str(e))
     os.makedirs(args.out, exist_ok=True)
     results = {}
     # repeats outermost: a slow spell of the machine hits every method alike
