@@ -42,19 +42,24 @@ def allreduce_slices(n, size):
     return np.linspace(0, n, size + 1).round().astype(int)
 
 
-def sum_in_rank_order(parts):
-    """``parts[0] + parts[1] + ...`` from the left, in a new array: the order
-    of every all-reduce, so that it gives the same bits on every
-    communicator, emulated or MPI, whatever the MPI library.
+def sum_in_rank_order(parts, out=None):
+    """``parts[0] + parts[1] + ...`` from the left: the order of every
+    all-reduce, so that it gives the same bits on every communicator,
+    emulated or MPI, whatever the MPI library.
 
     Parameters
     ----------
     parts : sequence of ndarray, each of shape (m,), by rank
+    out : ndarray, shape (m,), optional
+        Where the sum goes (not one of ``parts``); default a new array.
     """
-    total = np.array(parts[0], copy=True)
+    if out is None:
+        out = np.array(parts[0], copy=True)
+    else:
+        out[...] = parts[0]
     for p in parts[1:]:
-        total += p
-    return total
+        out += p
+    return out
 
 
 class Comm:
@@ -247,6 +252,7 @@ class MPIComm(Comm):
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        self._buffers = {}  # the ordered all-reduce's receive buffers, by shape and type
 
     def _peer(self, r):
         return self._MPI.PROC_NULL if r is None else r
@@ -283,19 +289,20 @@ class MPIComm(Comm):
             self.comm.Allreduce(self._MPI.IN_PLACE, flat, op=self._MPI.SUM)
         elif flat.nbytes * self.size <= ORDERED_ALLGATHER_BYTES:
             # small: every rank gathers every buffer (one collective, latency-bound)
-            parts = np.empty((self.size, flat.size), flat.dtype)
+            parts = self._buffer((self.size, flat.size), flat.dtype)
             self.comm.Allgather(flat, parts)
-            flat[...] = sum_in_rank_order(parts)
+            sum_in_rank_order(parts, out=flat)
         else:
             # large: rank r sums slice r of every buffer (all-to-all), then every
             # rank gathers the sums, a ring all-reduce's bytes
             edges = allreduce_slices(flat.size, self.size)
             counts, displs = np.diff(edges), edges[:-1]
             m = int(counts[self.rank])
-            parts = np.empty((self.size, m), flat.dtype)
+            parts = self._buffer((self.size + 1, m), flat.dtype)  # the last row: the sum
             self.comm.Alltoallv([flat, (counts, displs)],
                                 [parts, ([m] * self.size, m * np.arange(self.size))])
-            self.comm.Allgatherv(sum_in_rank_order(parts), [flat, (counts, displs)])
+            self.comm.Allgatherv(sum_in_rank_order(parts[:-1], out=parts[-1]),
+                                 [flat, (counts, displs)])
         if not buf.flags.c_contiguous:  # flat was a copy
             buf[...] = flat.reshape(buf.shape)
         return buf
@@ -314,6 +321,15 @@ class MPIComm(Comm):
 
     def _barrier(self):
         self.comm.Barrier()
+
+    def _buffer(self, shape, dtype):
+        """An array kept for the next all-reduce of this shape and type: the
+        ordered all-reduce runs every iteration, and fresh memory costs a
+        page fault per page each time."""
+        key = (shape, np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty(shape, dtype)
+        return self._buffers[key]
 
     def _split(self, color, key):
         child = MPIComm(self.comm.Split(color, key), self._ledger)
